@@ -1,0 +1,130 @@
+"""Continuous batching: each step picks which requests run and how many tokens each computes.
+
+Running requests go first (decodes and unfinished prefill chunks), then waiting ones, under a token budget
+(max_num_batched_tokens) and max_num_seqs. Long prompts are prefilled in chunks across steps. When blocks run out the
+most recently arrived running request is preempted (its blocks freed; it recomputes later), so the engine never
+deadlocks and never exceeds the pool. Plain Python, no torch.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request]  # decodes (one new token) first, then the others
+    num_new_tokens: list[int]  # tokens each computes this step (parallel to requests)
+    num_decodes: int
+    preempted: list[Request] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # finished since the last step
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # kept sorted by arrival_index
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # -- requests in and out -------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Mark a request finished (stop, length or abort) and give its blocks back."""
+        assert status.finished
+        if request.status.finished:
+            return
+        if request.request_id not in self.requests:  # never reached the scheduler
+            request.status = status
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting[0]
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self.kv_cache.allocate_slots(request, num_new):
+                    break
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                bisect.insort(self.running, request, key=lambda r: r.arrival_index)
+                scheduled.append((request, num_new))
+                budget -= num_new
+
+        scheduled.sort(key=lambda item: item[1] != 1)  # stable: decodes first, arrival order kept
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            requests=[r for r, _ in scheduled], num_new_tokens=[n for _, n in scheduled],
+            num_decodes=sum(1 for _, n in scheduled if n == 1), preempted=preempted,
+            finished_request_ids=finished)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        for request, num_new in zip(output.requests, output.num_new_tokens):
+            request.num_computed_tokens += num_new

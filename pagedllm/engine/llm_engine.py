@@ -1,0 +1,360 @@
+"""LLMEngine: takes requests, steps the scheduler and the model runner, and turns sampled tokens into outputs."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pagedllm.config import EngineArgs, EngineConfig, ModelConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import ModelRunner, RunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_blocks: int
+    prefix_cache_hit_rate: float = 0.0
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one generated sequence (one Request in the scheduler)."""
+    request: Request
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+
+
+@dataclass
+class _Group:
+    """A user request: its prompt and its n sequences."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    finished_emitted: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.status.finished for s in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, stream_outputs: bool = True) -> None:
+        start = time.perf_counter()
+        self.args = args
+        self.stream_outputs = stream_outputs  # False: step() returns only finished requests (offline use)
+        self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args)
+        model_config = _load_model_config(args)
+        self.config = EngineConfig.create(args, model_config)
+        self.max_model_len = self.config.max_model_len
+        self.model_name = args.served_model_name or args.model
+        self.eos_token_ids = frozenset(_eos_token_ids(args, model_config, self.tokenizer))
+        self.runner = ModelRunner(self.config)
+        num_blocks = self.runner.determine_num_blocks()
+        if num_blocks < 1:
+            raise ValueError("The KV cache budget is smaller than one block: raise kv_cache_memory or "
+                             "gpu_memory_utilization.")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens)
+        self.structured = None  # StructuredOutputManager, created on first use
+        self._groups: dict[str, _Group] = {}
+        self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
+        self._arrivals = itertools.count()
+        self._compiling: list[Request] = []  # structured-output requests whose grammar is still compiling
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        tokens = num_blocks * self.config.block_size
+        logger.info("pagedllm ready: model %s, %s, %d KV blocks of %d tokens (%d tokens, %.2f GiB), max concurrency "
+                    "%.1fx at max_model_len %d, ready in %.1f s", self.model_name, str(self.config.dtype)[6:],
+                    num_blocks, self.config.block_size, tokens,
+                    num_blocks * self.runner.kv_bytes_per_block() / 2**30,
+                    tokens / self.max_model_len, self.max_model_len, time.perf_counter() - start)
+
+    # -- requests in -----------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}.")
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        num_prompt = len(prompt_ids)
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"The prompt has {num_prompt} tokens, but max_model_len is {self.max_model_len}: "
+                             f"it must be at most {self.max_model_len - 1} tokens to leave room for output.")
+        max_tokens = self.max_model_len - num_prompt
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        most_tokens = num_prompt + max_tokens
+        if self.kv_cache.blocks_needed(most_tokens) > self.kv_cache.num_blocks:
+            raise ValueError(f"The request needs up to {most_tokens} tokens of KV cache "
+                             f"({self.kv_cache.blocks_needed(most_tokens)} blocks), but the whole cache holds "
+                             f"{self.kv_cache.num_blocks} blocks of {self.config.block_size}: it can never fit.")
+        if params.structured_outputs is not None:
+            self._structured().validate(params.structured_outputs)
+        now = time.time() if arrival_time is None else arrival_time
+        group = _Group(request_id, prompt_text, prompt_ids, params, [], RequestMetrics(arrival_time=now))
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + index
+            seq_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            request = Request(seq_id, prompt_ids, child_params, now, next(self._arrivals), max_tokens,
+                              frozenset() if params.ignore_eos else self.eos_token_ids)
+            detok = None
+            if self.tokenizer is not None and params.detokenize:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
+                                               params.include_stop_str_in_output)
+            want_logprobs = params.logprobs is not None
+            group.sequences.append(_Sequence(request, index, detok, [] if want_logprobs else None,
+                                             0.0 if want_logprobs else None))
+        self._groups[request_id] = group
+        for seq in group.sequences:
+            self._sequences[seq.request.request_id] = (group, seq)
+            if params.structured_outputs is not None:
+                # Held back until its grammar is compiled (in the background), so nobody else waits for it.
+                self._structured().add_request(seq.request.request_id, params.structured_outputs)
+                self._compiling.append(seq.request)
+            else:
+                self.scheduler.add_request(seq.request)
+
+    def _admit_compiled(self) -> None:
+        if not self._compiling:
+            return
+        still = []
+        for request in self._compiling:
+            if request.request_id not in self._sequences:
+                continue  # aborted while compiling
+            if self.structured.is_ready(request.request_id):
+                self.scheduler.add_request(request)
+            else:
+                still.append(request)
+        self._compiling = still
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'.")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True): give token ids.")
+            if not prompt:
+                raise ValueError("the prompt is empty.")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}.")
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = list(ids)
+        if not ids:
+            raise ValueError("the prompt is empty.")
+        vocab = self.config.model.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab}).")
+        return ids
+
+    def _structured(self):
+        if self.structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer.")
+            from pagedllm.sampling.structured import StructuredOutputManager
+            self.structured = StructuredOutputManager(self.tokenizer, self.config.model.vocab_size)
+        return self.structured
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            group = self._groups.pop(request_id, None)
+            if group is None:
+                continue
+            for seq in group.sequences:
+                self._drop_sequence(seq, RequestStatus.FINISHED_ABORTED)
+
+    def _drop_sequence(self, seq: _Sequence, status: RequestStatus) -> None:
+        self.scheduler.finish_request(seq.request, status)
+        self._sequences.pop(seq.request.request_id, None)
+        if self.structured is not None:
+            self.structured.remove_request(seq.request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def wait_for_work(self) -> None:
+        """Block briefly when only grammar compilation is pending (the offline loop would otherwise spin)."""
+        if self._compiling and not self.scheduler.has_unfinished_requests():
+            time.sleep(0.001)
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
+                           self.scheduler.num_preemptions, self.num_prompt_tokens, self.num_generation_tokens,
+                           self.kv_cache.num_blocks)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._admit_compiled()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        for request in sched.requests:
+            group, _ = self._sequences[request.request_id]
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+                self.num_prompt_tokens += len(group.prompt_token_ids)
+        bitmask_fn = self._apply_grammar if self.structured is not None else None
+        output = self.runner.execute(sched, self.kv_cache.block_tables, bitmask_fn)
+        self.scheduler.update_after_step(sched)
+        return self._process(output)
+
+    def _apply_grammar(self, logits, requests: list[Request]) -> None:
+        ids = [r.request_id if r.sampling_params.structured_outputs is not None else None for r in requests]
+        bitmask = self.structured.fill_bitmask(ids)
+        if bitmask is not None:
+            self.structured.apply_bitmask(logits, bitmask)
+
+    def _process(self, output: RunnerOutput) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _Group] = {}
+        for i, (request, token_id) in enumerate(zip(output.sampled_requests, output.token_ids)):
+            group, seq = self._sequences[request.request_id]
+            request.append_output_token(token_id)
+            self.num_generation_tokens += 1
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            group.metrics.last_token_time = now
+            if output.logprobs is not None and seq.logprobs is not None:
+                self._record_logprobs(seq, token_id, output.logprobs[i])
+            if self.structured is not None and request.sampling_params.structured_outputs is not None:
+                self.structured.accept_token(request.request_id, token_id)
+            status = self._check_stop(seq, token_id)
+            if status is not None:
+                self._drop_sequence(seq, status)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            finished = group.finished
+            if finished:
+                group.metrics.finished_time = now
+                group.metrics.num_preemptions = sum(s.request.num_preemptions for s in group.sequences)
+                self._groups.pop(group.request_id, None)
+            if finished or self.stream_outputs:
+                outputs.append(self._make_output(group, finished))
+        return outputs
+
+    def _check_stop(self, seq: _Sequence, token_id: int) -> RequestStatus | None:
+        request = seq.request
+        params = request.sampling_params
+        stop_string = seq.detokenizer.append(token_id) if seq.detokenizer is not None else None
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if stop_string is not None:
+                request.stop_reason = stop_string
+                return RequestStatus.FINISHED_STOPPED
+            if (self.structured is not None and params.structured_outputs is not None
+                    and self.structured.is_terminated(request.request_id)):
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _record_logprobs(self, seq: _Sequence, token_id: int, info) -> None:
+        logprob, rank, top_ids, top_lps = info
+        k = seq.request.sampling_params.logprobs
+        entry = {token_id: Logprob(logprob, rank, self._token_text(token_id))}
+        for r, (tid, lp) in enumerate(zip(top_ids[:k], top_lps[:k]), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, r, self._token_text(tid))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += logprob
+
+    def _token_text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in group.sequences:
+            request = seq.request
+            status = request.status
+            done = status.finished
+            text = seq.detokenizer.visible_text(done) if seq.detokenizer is not None else ""
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(request.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=status.value if done else None, stop_reason=request.stop_reason))
+        cached = min(s.request.num_cached_tokens for s in group.sequences)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
+                             group.metrics, num_cached_tokens=cached)
+
+
+def _load_model_config(args: EngineArgs) -> ModelConfig:
+    if args.hf_config is not None:
+        return ModelConfig.from_dict(args.hf_config)
+    if args.model.endswith(".gguf"):
+        from pagedllm.worker.gguf_loader import load_gguf
+        return ModelConfig.from_dict(load_gguf(args.model).config.to_dict())
+    if not os.path.isdir(args.model):
+        raise ValueError(f"model {args.model!r} is not a local directory or .gguf file.")
+    return ModelConfig.from_path(args.model)
+
+
+def _load_tokenizer(args: EngineArgs):
+    from transformers import AutoTokenizer
+    path = args.tokenizer or args.model
+    if path.endswith(".gguf"):
+        from pagedllm.worker.gguf_loader import load_gguf
+        return load_gguf(path).tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds
+        raise ValueError(f"could not load a tokenizer from {path!r}: {error}") from error
+
+
+def _eos_token_ids(args: EngineArgs, model: ModelConfig, tokenizer) -> set[int]:
+    ids = set(model.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    generation_config = os.path.join(args.model, "generation_config.json")
+    if os.path.isfile(generation_config):
+        with open(generation_config) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return ids

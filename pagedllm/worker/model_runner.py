@@ -1,0 +1,240 @@
+"""Executes one scheduled step: builds the batch tensors, runs the model, samples. Knows token ids, not text."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata, get_attention_backend
+from pagedllm.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.core.request import Request
+from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.model.registry import get_model_class
+from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled_requests: list[Request]  # the requests that got a new token this step (prefill chunks that end early don't)
+    token_ids: list[int]
+    logprobs: list[tuple[float, int, list[int], list[float]]] | None = None  # per sampled request: (logprob, rank,
+    # top ids, top logprobs); None when nobody asked
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.dtype = config.dtype
+        self.block_size = config.block_size
+        self.vocab_size = config.model.vocab_size
+        self.backend = get_attention_backend(self.device)
+        self.model = self._load_model()
+        self.kv_caches: list[torch.Tensor] = []
+        self.generators: dict[str, torch.Generator] = {}
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.args.seed))
+
+    # -- startup ---------------------------------------------------------------------------------------------------
+    def _load_model(self) -> torch.nn.Module:
+        cfg, args = self.config.model, self.config.args
+        start = time.perf_counter()
+        model_class = get_model_class(cfg.architecture)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_class(cfg, self.backend, max_position=max(self.config.max_model_len,
+                                                                        cfg.max_position_embeddings))
+        finally:
+            torch.set_default_dtype(previous)
+        if args.load_format == "dummy":
+            init_dummy_weights(model, args.seed)
+        else:
+            model.load_weights(iterate_checkpoint(args.model, args.load_format))
+        model.eval()
+        logger.info("loaded %s weights (%s) in %.2f s", cfg.architecture, args.load_format,
+                    time.perf_counter() - start)
+        return model
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.config.model
+        return (2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
+                * torch.empty((), dtype=self.dtype).element_size())
+
+    def determine_num_blocks(self) -> int:
+        args = self.config.args
+        per_block = self.kv_bytes_per_block()
+        if args.kv_cache_memory is not None:
+            return args.kv_cache_memory // per_block
+        if self.device.type == "cuda":
+            return self._profile_gpu_blocks(per_block)
+        # CPU: a fixed budget, but no more than max_num_seqs full-length sequences could ever use.
+        most_useful = args.max_num_seqs * (cdiv(self.config.max_model_len, self.block_size) + 1)
+        return min(DEFAULT_CPU_KV_CACHE_MEMORY // per_block, most_useful)
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self, per_block: int) -> int:
+        """Run the largest step once to learn peak activation memory; the KV cache gets what is left under
+        gpu_memory_utilization."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        cfg = self.config.model
+        dummy_cache = torch.zeros(2, 1, self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
+                                  device=self.device)
+        self.model.bind_kv_caches([dummy_cache] * cfg.num_layers)
+        num_tokens = self.config.max_num_batched_tokens
+        seq_len = min(num_tokens, self.config.max_model_len)
+        num_seqs = cdiv(num_tokens, seq_len)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(num_seqs, cdiv(seq_len, self.block_size), dtype=torch.int32,
+                                     device=self.device),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            num_decodes=0, max_query_len=seq_len, max_seq_len=seq_len, query_start_loc_cpu=starts, seq_lens_cpu=lens)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, torch.arange(num_tokens, device=self.device) % seq_len, meta)
+        rows = min(self.config.args.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        self.sampler(logits, self._profile_sampling_metadata(rows))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        del hidden, logits, dummy_cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        activation = peak - allocated
+        budget = total * self.config.args.gpu_memory_utilization - (total - free) - activation
+        logger.info("GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, KV budget %.2f GiB",
+                    total / 2**30, (total - free) / 2**30, activation / 2**30, budget / 2**30)
+        if budget < per_block:
+            raise ValueError("No GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+                             "max_num_batched_tokens / max_num_seqs.")
+        return int(budget // per_block)
+
+    def _profile_sampling_metadata(self, rows: int) -> SamplingMetadata:
+        ones = torch.ones(rows, device=self.device)
+        return SamplingMetadata(
+            temperature=ones, greedy=torch.zeros(rows, dtype=torch.bool, device=self.device), all_greedy=False,
+            top_k=torch.full((rows,), 50, device=self.device), top_p=ones * 0.9, min_p=ones * 0.1,
+            max_num_logprobs=20)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        cfg = self.config.model
+        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.model.bind_kv_caches(self.kv_caches)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                grammar_bitmask_fn=None) -> RunnerOutput:
+        for request_id in sched.finished_request_ids:
+            self.generators.pop(request_id, None)
+        input_ids, positions, meta, sample_requests, sample_rows = self._prepare_inputs(sched, block_tables)
+        hidden = self.model(input_ids, positions, meta)
+        if not sample_requests:
+            return RunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        if grammar_bitmask_fn is not None:
+            grammar_bitmask_fn(logits, sample_requests)
+        output = self.sampler(logits, self._sampling_metadata(sample_requests))
+        return self._to_host(sample_requests, output)
+
+    def _prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts, seq_lens, tables = [0], [], []
+        sample_requests, sample_rows = [], []
+        for request, num_new in zip(sched.requests, sched.num_new_tokens):
+            start = request.num_computed_tokens
+            end = start + num_new
+            table = block_tables[request.request_id]
+            input_ids.extend(request.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(starts[-1] + num_new)
+            seq_lens.append(end)
+            tables.append(table)
+            if end == request.num_tokens:
+                sample_requests.append(request)
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decodes=sched.num_decodes, max_query_len=max(sched.num_new_tokens), max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
+        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_requests,
+                torch.tensor(sample_rows, dtype=torch.int64, device=dev))
+
+    def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
+        dev = self.device
+        params = [r.sampling_params for r in requests]
+        greedy = [p.greedy for p in params]
+        meta = SamplingMetadata(
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=dev), all_greedy=all(greedy))
+        if not meta.all_greedy:
+            if any(p.top_k > 0 for p in params):
+                meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
+            if any(p.top_p < 1.0 for p in params):
+                meta.top_p = torch.tensor([p.top_p for p in params], device=dev)
+            if any(p.min_p > 0.0 for p in params):
+                meta.min_p = torch.tensor([p.min_p for p in params], device=dev)
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
+            meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            meta.prompt_token_ids = self._padded([r.prompt_token_ids for r in requests])
+            meta.output_token_ids = self._padded([r.output_token_ids for r in requests])
+        for row, (request, p) in enumerate(zip(requests, params)):
+            if request.num_output_tokens < p.min_tokens:
+                stoppers = (*(() if p.ignore_eos else request.eos_token_ids), *p.stop_token_ids)
+                banned = [t for t in stoppers if t < self.vocab_size]
+                if banned:
+                    meta.banned_token_ids.append((row, banned))
+            if p.seed is not None and not p.greedy:
+                generator = self.generators.get(request.request_id)
+                if generator is None:
+                    generator = torch.Generator(device=dev).manual_seed(p.seed)
+                    self.generators[request.request_id] = generator
+                meta.generators[row] = generator
+            if p.logprobs is not None:
+                meta.max_num_logprobs = max(meta.max_num_logprobs or 0, p.logprobs)
+        return meta
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64,
+                            device=self.device)
+
+    def _to_host(self, requests: list[Request], output: SamplerOutput) -> RunnerOutput:
+        token_ids = output.token_ids.tolist()
+        result = RunnerOutput(requests, token_ids)
+        if output.sampled_logprobs is not None:
+            lp = output.sampled_logprobs.tolist()
+            ranks = output.sampled_ranks.tolist()
+            if output.top_token_ids is not None:
+                top_ids, top_lps = output.top_token_ids.tolist(), output.top_logprobs.tolist()
+            else:
+                top_ids = top_lps = [[] for _ in requests]
+            result.logprobs = [(lp[i], ranks[i], top_ids[i], top_lps[i]) for i in range(len(requests))]
+        return result
