@@ -1,0 +1,158 @@
+"""Fused Triton kernels for the small memory-bound layer ops on the GPU: RMSNorm (+ residual add), rotary
+embedding (rotate-half form, cos/sin cache indexed by position) and SiLU-and-mul.
+
+Each matches the torch code it replaces (pagedllm/layers/norm.py, rotary.py, F.silu(gate) * up) including where
+that code rounds to the activation dtype, and takes plain tensors so that the model layers decide when to use it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+                     stride_x, stride_r, stride_o, stride_nr, hidden, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the activation dtype first, as the unfused code does.
+        x = (x + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)).to(x.dtype)
+        tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected a tensor [..., hidden], got {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last axis: weight * (x / rms(x)). With residual: s = x + residual, returns
+    (rms_norm(s), s), as RMSNorm.forward(x, residual) does. Outputs have x's shape and dtype."""
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match hidden size {hidden}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
+                         f"x {tuple(x.shape)} {x.dtype}")
+    x2 = _rows(x, "rms_norm")
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    r2 = _rows(residual, "rms_norm") if residual is not None else x2
+    new_residual = torch.empty_like(out) if residual is not None else out
+    if x2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, new_residual,
+            x2.stride(0), r2.stride(0), out.stride(0), new_residual.stride(0), hidden, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    if residual is None:
+        return out.view(x.shape)
+    return out.view(x.shape), new_residual.view(x.shape)
+
+
+@triton.jit
+def _rope_heads(x_ptr, out_ptr, stride_xt, stride_xh, stride_ot, stride_oh, token, num_heads, cos, sin,
+                half, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HALF_PAD)
+    mask = (heads[:, None] < num_heads) & (dims[None, :] < half)
+    src = x_ptr + token * stride_xt + heads[:, None] * stride_xh + dims[None, :]
+    dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+                 stride_cache, num_q_heads, num_k_heads, half,
+                 Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF_PAD)
+    # The cache rows are cat(freqs, freqs): the first half holds every distinct angle.
+    cos = tl.load(cos_ptr + pos * stride_cache + dims, mask=dims < half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cache + dims, mask=dims < half, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, token, num_q_heads, cos, sin,
+                half, Q_HEADS_PAD, HALF_PAD)
+    _rope_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_kot, stride_koh, token, num_k_heads, cos, sin,
+                half, K_HEADS_PAD, HALF_PAD)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding. positions [T] (int), q [T, num_heads, head_dim], k [T, num_kv_heads,
+    head_dim] (strided views allowed), cos_cache/sin_cache [max_position, head_dim] laid out as
+    cat(freqs, freqs) (RotaryEmbedding's buffers). Returns new contiguous (q, k); positions are not checked
+    against max_position on the GPU (the caller validates request lengths)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"rotary_embedding: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
+                         "[num_tokens, heads, head_dim] with the same num_tokens and head_dim")
+    num_tokens, head_dim = q.shape[0], q.shape[2]
+    if head_dim % 2 or cos_cache.shape[-1] != head_dim or sin_cache.shape != cos_cache.shape:
+        raise ValueError(f"rotary_embedding: head_dim {head_dim} must be even and match the cos/sin caches "
+                         f"{tuple(cos_cache.shape)} / {tuple(sin_cache.shape)}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"rotary_embedding: positions {tuple(positions.shape)} must be [{num_tokens}]")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens > 0:
+        half = head_dim // 2
+        _rope_kernel[(num_tokens,)](
+            positions, q, k, q_out, k_out, cos_cache, sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos_cache.stride(0), q.shape[1], k.shape[1], half,
+            Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+            HALF_PAD=triton.next_power_of_2(half), num_warps=4,
+        )
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # silu is rounded to the activation dtype before the product, as F.silu(gate) * up does.
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 * inter] = cat(gate, up) -> silu(gate) * up [..., inter]."""
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: last axis must be even (gate and up), got {tuple(x.shape)}")
+    inter = x.shape[-1] // 2
+    x2 = _rows(x, "silu_and_mul")
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0 and inter > 0:
+        block = min(1024, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+        )
+    return out.view(*x.shape[:-1], inter)
