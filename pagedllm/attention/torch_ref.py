@@ -45,11 +45,12 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 def _causal_attention(q, k, v, scale, group):
     # q [n, h, d]; k, v [s, kvh, d]; the n queries are the last n positions of the s.
     n, s = q.shape[0], k.shape[0]
-    k = k.to(q.dtype).repeat_interleave(group, dim=1)
-    v = v.to(q.dtype).repeat_interleave(group, dim=1)
-    mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       attn_mask=mask, scale=scale)
+    q, k, v = q.transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)
+    if n == s:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    else:  # a cached prefix: query i sees keys up to s - n + i
+        mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - n, s, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     return o.transpose(0, 1)
 
 
@@ -61,12 +62,12 @@ def _decode_batched(q, kv_cache, block_tables, seq_lens, scale):
     nb = (max_len + block_size - 1) // block_size
     blocks = kv_cache[:, block_tables[:, :nb].long()]  # [2, b, nb, bs, kvh, d]
     kv = blocks.reshape(2, b, nb * block_size, num_kv_heads, d)[:, :, :max_len]
-    group = num_heads // num_kv_heads
-    k = kv[0].to(q.dtype).repeat_interleave(group, dim=2).transpose(1, 2)  # [b, h, L, d]
-    v = kv[1].to(q.dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    k = kv[0].to(q.dtype).transpose(1, 2)  # [b, kvh, L, d]
+    v = kv[1].to(q.dtype).transpose(1, 2)
     lens = torch.tensor(seq_lens, device=q.device)
     mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [b, L]
-    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=num_heads != num_kv_heads)
     return o[:, :, 0, :]
 
 
