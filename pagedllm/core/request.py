@@ -10,6 +10,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    SWAPPED = "swapped"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -34,6 +35,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
+    cache_salt: str | None = None  # extra prefix-cache key for anything that changes K/V (e.g. a LoRA adapter)
+    block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, computed lazily
     stop_reason: int | str | None = None
     num_preemptions: int = 0
 

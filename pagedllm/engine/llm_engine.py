@@ -30,7 +30,11 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_blocks: int
-    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / prompt tokens looked up
+    num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model (cache hits excluded)
+    kv_fragmentation: float = 0.0  # mean over steps: allocated slots of running sequences holding no token
+    kv_sharing_savings: float = 0.0  # mean over steps: 1 - physical blocks / blocks in sequences' tables
+    num_swaps: int = 0
 
 
 @dataclass
@@ -53,7 +57,7 @@ class _Group:
     sequences: list[_Sequence]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
-    finished_emitted: set[int] = field(default_factory=set)
+    pending_forks: list[_Sequence] = field(default_factory=list)  # n > 1: siblings waiting for the prompt
 
     @property
     def finished(self) -> bool:
@@ -76,9 +80,15 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError("The KV cache budget is smaller than one block: raise kv_cache_memory or "
                              "gpu_memory_utilization.")
-        self.runner.allocate_kv_cache(num_blocks)
-        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens)
+        num_host_blocks = 0
+        if args.preemption_mode == "swap":
+            num_host_blocks = int(args.swap_space * 2**30) // self.runner.kv_bytes_per_block()
+        self.runner.allocate_kv_cache(num_blocks, num_host_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, args.enable_prefix_caching,
+                                       num_host_blocks)
+        self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens,
+                                   args.preemption_mode)
+        self._waste = [0, 0, 0, 0]  # sums over steps: fragmentation, sharing savings, steps; computed prompt tokens
         self.structured = None  # StructuredOutputManager, created on first use
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
@@ -137,6 +147,9 @@ class LLMEngine:
         self._groups[request_id] = group
         for seq in group.sequences:
             self._sequences[seq.request.request_id] = (group, seq)
+        # n > 1: the first sequence computes the prompt; the others fork from it (sharing its blocks) once it has.
+        group.pending_forks = group.sequences[1:]
+        for seq in group.sequences[:1]:
             if params.structured_outputs is not None:
                 # Held back until its grammar is compiled (in the background), so nobody else waits for it.
                 self._structured().add_request(seq.request.request_id, params.structured_outputs)
@@ -218,9 +231,21 @@ class LLMEngine:
             time.sleep(0.001)
 
     def get_stats(self) -> EngineStats:
+        fragmentation, savings, steps, computed = self._waste
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
                            self.scheduler.num_preemptions, self.num_prompt_tokens, self.num_generation_tokens,
-                           self.kv_cache.num_blocks)
+                           self.kv_cache.num_blocks, self.kv_cache.hit_rate, computed,
+                           fragmentation / steps if steps else 0.0, savings / steps if steps else 0.0,
+                           self.scheduler.num_swaps)
+
+    def _account(self, sched) -> None:
+        used, allocated, physical = self.kv_cache.waste(self.scheduler.running)
+        if allocated:
+            self._waste[0] += 1 - used / allocated
+            self._waste[1] += 1 - physical / allocated
+            self._waste[2] += 1
+        self._waste[3] += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+                              for r, n in zip(sched.requests, sched.num_new_tokens))
 
     # -- one step --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -235,6 +260,7 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(group.prompt_token_ids)
         bitmask_fn = self._apply_grammar if self.structured is not None else None
+        self._account(sched)
         output = self.runner.execute(sched, self.kv_cache.block_tables, bitmask_fn)
         self.scheduler.update_after_step(sched)
         return self._process(output)
@@ -250,6 +276,8 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         for i, (request, token_id) in enumerate(zip(output.sampled_requests, output.token_ids)):
             group, seq = self._sequences[request.request_id]
+            if group.pending_forks:
+                self._fork(group, request)
             request.append_output_token(token_id)
             self.num_generation_tokens += 1
             if group.metrics.first_token_time is None:
@@ -273,6 +301,19 @@ class LLMEngine:
             if finished or self.stream_outputs:
                 outputs.append(self._make_output(group, finished))
         return outputs
+
+    def _fork(self, group: _Group, first: Request) -> None:
+        """The prompt is computed: the other n - 1 sequences share its blocks and recompute only its last token
+        (to sample their own first token); the first write into a shared partial block copies it."""
+        for seq in group.pending_forks:
+            if seq.request.status.finished:
+                continue
+            self.kv_cache.fork(first, seq.request, first.num_prompt_tokens - 1)
+            seq.request.num_computed_tokens = first.num_prompt_tokens - 1
+            if self.structured is not None and group.params.structured_outputs is not None:
+                self._structured().add_request(seq.request.request_id, group.params.structured_outputs)
+            self.scheduler.add_forked_request(seq.request)
+        group.pending_forks = []
 
     def _check_stop(self, seq: _Sequence, token_id: int) -> RequestStatus | None:
         request = seq.request

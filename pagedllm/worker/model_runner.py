@@ -129,11 +129,34 @@ class ModelRunner:
             top_k=torch.full((rows,), 50, device=self.device), top_p=ones * 0.9, min_p=ones * 0.1,
             max_num_logprobs=20)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
         cfg = self.config.model
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.model.bind_kv_caches(self.kv_caches)
+        host_shape = (2, num_host_blocks, *shape[2:])
+        pin = self.device.type == "cuda"
+        self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin)
+                            for _ in range(cfg.num_layers)] if num_host_blocks else []
+
+    def move_blocks(self, sched: SchedulerOutput) -> None:
+        """Swaps out, then swaps in, then copy-on-write copies: all before the step's forward writes anything."""
+        if sched.blocks_to_swap_out:
+            src, dst = self._index_pair(sched.blocks_to_swap_out)
+            for cache, host in zip(self.kv_caches, self.host_caches):
+                host[:, dst.cpu()] = cache[:, src].to("cpu")
+        if sched.blocks_to_swap_in:
+            src, dst = self._index_pair(sched.blocks_to_swap_in)
+            for cache, host in zip(self.kv_caches, self.host_caches):
+                cache[:, dst] = host[:, src.cpu()].to(self.device, non_blocking=True)
+        if sched.blocks_to_copy:
+            src, dst = self._index_pair(sched.blocks_to_copy)
+            for cache in self.kv_caches:
+                cache[:, dst] = cache[:, src]
+
+    def _index_pair(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(pairs, dtype=torch.int64).T.contiguous()
+        return index[0].to(self.device), index[1].to(self.device)
 
     # -- one step --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -141,6 +164,7 @@ class ModelRunner:
                 grammar_bitmask_fn=None) -> RunnerOutput:
         for request_id in sched.finished_request_ids:
             self.generators.pop(request_id, None)
+        self.move_blocks(sched)
         input_ids, positions, meta, sample_requests, sample_rows = self._prepare_inputs(sched, block_tables)
         hidden = self.model(input_ids, positions, meta)
         if not sample_requests:
