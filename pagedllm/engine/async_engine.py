@@ -198,8 +198,8 @@ class AsyncEngine:
                 if not engine.has_unfinished_requests():
                     continue
                 outputs = engine.step()
+                self.metrics.record_stats(engine.get_stats())  # before the outputs: readers see both at once
                 self._dispatch(outputs)
-                self.metrics.record_stats(engine.get_stats())
                 if not outputs and hasattr(engine, "wait_for_work"):
                     engine.wait_for_work()
         except BaseException as error:  # noqa: BLE001 - whatever broke the step, the engine is now unusable

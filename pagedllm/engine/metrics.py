@@ -62,6 +62,13 @@ class EngineMetrics:
         self._output_len = Histogram("pagedllm:request_generation_tokens", "Generated tokens per request.", labels,
                                      buckets=_TOKEN_BUCKETS, registry=r)
         self._model_name = model_name
+        # Create every series now, so a fresh server already exports zeros (dashboards, rate()).
+        for metric in (self._prompt_tokens, self._generation_tokens, self._preemptions, self._running,
+                       self._waiting, self._kv_usage, self._prefix_hit, self._ttft, self._tpot, self._e2e,
+                       self._prompt_len, self._output_len):
+            metric.labels(model_name)
+        for reason in ("stop", "length", "abort", "error"):
+            self._requests.labels(model_name, reason)
         self._last = (0, 0, 0)  # cumulative prompt tokens, generation tokens, preemptions already counted
         self._last_log = time.monotonic()
         self._last_log_tokens = (0, 0)

@@ -21,12 +21,12 @@ from pagedllm.server.streams import SSE_DONE, abort_all, abort_on_disconnect, ch
 
 async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequest, raw_request):
     arrival_time = time.time()
+    ctx.check_alive()
     ctx.check_model(request.model)
     params = chat_sampling_params(request)
     max_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     text, token_ids = await ctx.prompts.render_chat(request)
     ctx.prompts.check_length(len(token_ids), params.max_tokens, "messages", max_param)
-    ctx.check_alive()
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     names = {name: name for name in SamplingParams.__dataclass_fields__}
     names.update(max_tokens=max_param, logprobs="top_logprobs")

@@ -21,10 +21,10 @@ _PARAM_NAMES = {name: name for name in SamplingParams.__dataclass_fields__}
 
 async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_request):
     arrival_time = time.time()
+    ctx.check_alive()
     ctx.check_model(request.model)
     params = completion_sampling_params(request)
     prompts = await _prompt_inputs(ctx, request, params)
-    ctx.check_alive()
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []
     try:
@@ -58,18 +58,14 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
 async def _prompt_inputs(ctx: ServerContext, request: CompletionRequest, params: SamplingParams) -> list[dict]:
     """Each prompt as the engine's {'prompt', 'prompt_token_ids'}, tokenized and length-checked."""
     prompt = request.prompt
-    if isinstance(prompt, str):
-        items: list = [prompt]
-    elif not prompt:
+    batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    if not prompt:
         raise bad_request("prompt must not be empty.", param="prompt")
-    elif isinstance(prompt[0], int):
-        items = [prompt]
-    else:
-        items = list(prompt)
+    items: list = list(prompt) if batched else [prompt]
     inputs = []
     for i, item in enumerate(items):
-        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
-        where = "" if len(items) == 1 else f"prompt[{i}]: "
+        param = f"prompt[{i}]" if batched else "prompt"
+        where = f"prompt[{i}]: " if batched else ""
         if isinstance(item, str):
             ids = await ctx.prompts.encode(item, param)
             inputs.append({"prompt": item, "prompt_token_ids": ids})

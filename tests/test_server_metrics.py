@@ -1,0 +1,121 @@
+"""/metrics in Prometheus' format with counters that move, and clients that leave mid-request get their
+requests aborted and their KV blocks freed."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_fixtures import ServerThread, need_stories
+
+LONG = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerThread(need_stories(), served_model_name="stories")
+    yield server
+    server.stop()
+
+
+def _metrics(server: ServerThread) -> dict[str, float]:
+    """Every sample of /metrics by name and labels (model_name left out)."""
+    response = httpx.get(server.base_url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def _get(samples: dict[str, float], key: str) -> float:
+    return samples.get(key, 0.0)
+
+
+def test_metrics_parse_and_counters_move(server):
+    before = _metrics(server)
+    for name in ("pagedllm:num_requests_running{}", "pagedllm:num_requests_waiting{}",
+                 "pagedllm:kv_cache_usage_perc{}"):
+        assert name in before
+    body = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+    assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+    body = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stop": "Lily"}
+    assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+    assert httpx.post(server.base_url + "/v1/completions", json={"prompt": 5}).status_code == 400
+    after = _metrics(server)
+
+    def delta(key: str) -> float:
+        return _get(after, key) - _get(before, key)
+
+    assert delta("pagedllm:request_finished_total{finished_reason=length}") == 1
+    assert delta("pagedllm:request_finished_total{finished_reason=stop}") == 1
+    assert delta("pagedllm:prompt_tokens_total{}") == 10
+    assert delta("pagedllm:generation_tokens_total{}") >= 41
+    assert delta("pagedllm:request_rejected_total{status=400}") == 1
+    assert delta("pagedllm:time_to_first_token_seconds_count{}") == 2
+    assert delta("pagedllm:time_per_output_token_seconds_count{}") == 2
+    assert delta("pagedllm:e2e_request_latency_seconds_count{}") == 2
+    assert delta("pagedllm:request_generation_tokens_sum{}") == delta("pagedllm:generation_tokens_total{}")
+    assert _get(after, "pagedllm:num_requests_running{}") == 0
+    assert _get(after, "pagedllm:kv_cache_usage_perc{}") == 0
+
+
+def _wait_for_abort(server: ServerThread, before: dict[str, float]) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = _metrics(server)
+        if _get(after, "pagedllm:request_finished_total{finished_reason=abort}") > _get(
+                before, "pagedllm:request_finished_total{finished_reason=abort}"):
+            return after
+        time.sleep(0.05)
+    raise AssertionError("the request was not aborted")
+
+
+def test_client_disconnecting_mid_stream_aborts_the_request(server):
+    before = _metrics(server)
+    for path, body in (("/v1/completions", LONG),
+                       ("/v1/completions", {**LONG, "prompt": ["Once upon a time", "The dog"], "n": 2})):
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", server.base_url + path, json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                chunks = [next(lines) for _ in range(6)]
+                assert any(c.startswith("data: {") for c in chunks)
+            # leaving the block closes the connection with the generation far from done
+        after = _wait_for_abort(server, before)
+        assert server.wait_idle(), "KV blocks were not freed after the disconnect"
+        after = _metrics(server)
+        assert _get(after, "pagedllm:kv_cache_usage_perc{}") == 0
+        assert _get(after, "pagedllm:num_requests_running{}") == 0
+        before = after
+
+
+def test_client_giving_up_on_a_non_streaming_request_aborts_it(server):
+    before = _metrics(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/completions", json=LONG, timeout=httpx.Timeout(30, read=0.3))
+    after = _wait_for_abort(server, before)
+    assert _get(after, "pagedllm:generation_tokens_total{}") - _get(before, "pagedllm:generation_tokens_total{}") < 500
+    assert server.wait_idle()
+
+
+def test_chat_stream_disconnect_aborts(server):
+    # stories260K has no chat template: this server needs one, so use a fresh one with a template
+    from tests.server_fixtures import CHAT_TEMPLATE
+    chat_server = ServerThread(need_stories(), served_model_name="stories", chat_template=CHAT_TEMPLATE)
+    try:
+        before = _metrics(chat_server)
+        body = {"model": "stories", "messages": [{"role": "user", "content": "Once upon a time"}],
+                "max_tokens": 450, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", chat_server.base_url + "/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            [next(lines) for _ in range(4)]
+        _wait_for_abort(chat_server, before)
+        assert chat_server.wait_idle()
+    finally:
+        chat_server.stop()
