@@ -56,7 +56,8 @@ def _store(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", types: dict | None = None, tied: bool = False,
-                    seed: int = 0, drop: str | None = None) -> dict[str, np.ndarray]:
+                    seed: int = 0, drop: str | None = None, rope_theta: float = 10000.0,
+                    rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Write a tiny GGUF of `arch` (llama, qwen2 or qwen3) and return the HF-named float32 weights that
     reading it must give. Quantization works on rows independently, so for the permuted q/k the expected
     HF weight is simply dequantize(quantize(w))."""
@@ -71,7 +72,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", types: dict | None = None, 
     writer.add_feed_forward_length(INTERMEDIATE)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_dimension_count(HEAD_DIM)
     if arch == "qwen3":
@@ -129,6 +130,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", types: dict | None = None, 
     add("output_norm.weight", "model.norm.weight", (HIDDEN,), None)
     if not tied:
         add("output.weight", "lm_head.weight", (len(vocab), HIDDEN), "output", scale=0.5)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -198,6 +201,29 @@ def test_logits_match_transformers_own_gguf_reading(tmp_path):
                 "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "vocab_size",
                 "bos_token_id", "eos_token_id", "rope_parameters"):
         assert getattr(checkpoint.config, key) == getattr(their_config, key), key
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    """llama.cpp writes Llama-3.1 rope scaling as per-frequency divisors; we must give back the llama3
+    parameters. The divisors are made here from transformers' llama3 rope: default inv_freq / llama3 inv_freq."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, head_dim=HEAD_DIM, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
+    divisors = (base / scaled.double()).numpy()
+    assert divisors.min() == pytest.approx(1.0) and divisors.max() == pytest.approx(32.0)
+    path = tmp_path / "llama31.gguf"
+    expected = write_tiny_gguf(path, rope_theta=500000.0, rope_freqs=divisors)
+    checkpoint = load_gguf(str(path))
+    assert checkpoint.config.rope_parameters == rope
+    assert sorted(n for n, _ in checkpoint.tensors()) == sorted(expected)  # rope_freqs is not a parameter
+    path = tmp_path / "odd.gguf"
+    write_tiny_gguf(path, rope_freqs=np.linspace(1.0, 3.0, HEAD_DIM // 2))
+    with pytest.raises(ValueError, match="rope_freqs"):
+        load_gguf(str(path))
 
 
 def test_tokenizer_and_chat_template(tmp_path):

@@ -24,6 +24,7 @@ _ARCHITECTURES = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
 }
+_CONFIG_TENSORS = {"rope_freqs.weight"}  # tensors that describe the config, not parameters
 
 
 @dataclass
@@ -50,7 +51,9 @@ class GGUFCheckpoint:
         from gguf.quants import dequantize
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         for tensor in self._reader.tensors:
-            hf_name = self._name_map[tensor.name]
+            hf_name = self._name_map.get(tensor.name)
+            if hf_name is None:  # read into the config (rope_freqs), not a parameter
+                continue
             try:
                 weights = dequantize(tensor.data, tensor.tensor_type)
             except NotImplementedError as error:
@@ -152,13 +155,13 @@ def _build_config(reader, metadata: dict[str, Any], arch: str):
     if rotary_dim != head_dim:
         raise ValueError(f"GGUF file rotates {rotary_dim} of {head_dim} head dimensions; partial rotary "
                          "embeddings are not supported.")
-    if "rope_freqs.weight" in tensor_shapes:
-        raise ValueError("GGUF file carries per-dimension rope frequency factors (rope_freqs, Llama-3.1-style "
-                         "rope scaling), which cannot be mapped to a transformers config; use the HF checkpoint.")
     if "token_embd.weight" not in tensor_shapes:
         raise ValueError("GGUF file has no token_embd.weight tensor.")
     rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
     rope.update(_rope_scaling(metadata, arch))
+    if "rope_freqs.weight" in tensor_shapes:
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+        rope = _llama3_rope(np.asarray(factors, dtype=np.float64), rope["rope_theta"], head_dim)
     config: dict[str, Any] = {
         "architectures": [architecture],
         "vocab_size": tensor_shapes["token_embd.weight"][0],
@@ -205,6 +208,28 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
     raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (only linear and yarn).")
 
 
+# Llama 3.1/3.2/3.3 all use these; the factor is read off the file.
+_LLAMA3_ROPE_SHAPES = ({"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},)
+
+
+def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """Llama-3.1-style rope scaling. llama.cpp stores it as a tensor of per-frequency divisors (rope_freqs),
+    not as parameters: find the llama3 parameters that give exactly those divisors, computed with
+    transformers' own llama3 rope, or refuse."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    base = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(np.round(factors.max(), 4))
+    for shape in _LLAMA3_ROPE_SHAPES:
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, **shape}
+        config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim, rope_parameters=rope)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        if factors.shape == base.shape and np.allclose(base / scaled.double().numpy(), factors, rtol=1e-4):
+            return rope
+    raise ValueError("GGUF file carries rope frequency factors (rope_freqs) that match no Llama-3 rope scaling "
+                     f"(tried factor {factor} with {list(_LLAMA3_ROPE_SHAPES)}); use the HF checkpoint.")
+
+
 def _file_dtype(reader) -> str | None:
     """The float type of an unquantized file (its half type, the norms being F32), None if quantized."""
     types = {t.tensor_type.name for t in reader.tensors}
@@ -228,21 +253,22 @@ def _hf_name_map(reader, config, arch: str, path: str) -> dict[str, str]:
         gguf_base = table.get_name(base)
         if gguf_base is not None:
             to_hf[f"{gguf_base}.{suffix}"] = hf_name
-    unknown = [t.name for t in reader.tensors if t.name not in to_hf]
+    unknown = [t.name for t in reader.tensors if t.name not in to_hf and t.name not in _CONFIG_TENSORS]
     if unknown:
         raise ValueError(f"GGUF file {path!r} has tensors that {config.architectures[0]} does not: "
                          f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}.")
-    present = {to_hf[t.name] for t in reader.tensors}
+    tensors = [t for t in reader.tensors if t.name not in _CONFIG_TENSORS]
+    present = {to_hf[t.name] for t in tensors}
     missing = [n for n in hf_shapes if n not in present and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
         raise ValueError(f"GGUF file {path!r} lacks tensors for {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}.")
-    for t in reader.tensors:
+    for t in tensors:
         shape = tuple(int(d) for d in reversed(t.shape))
         if shape != hf_shapes[to_hf[t.name]]:
             raise ValueError(f"GGUF tensor {t.name} has shape {shape}, but {to_hf[t.name]} needs "
                              f"{hf_shapes[to_hf[t.name]]}.")
-    return {t.name: to_hf[t.name] for t in reader.tensors}
+    return {t.name: to_hf[t.name] for t in tensors}
 
 
 def _unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
