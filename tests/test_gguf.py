@@ -57,7 +57,7 @@ def _store(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
 
 def write_tiny_gguf(path: Path, arch: str = "llama", types: dict | None = None, tied: bool = False,
                     seed: int = 0, drop: str | None = None, rope_theta: float = 10000.0,
-                    rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    rope_freqs: np.ndarray | None = None, rope_scaling: tuple | None = None) -> dict[str, np.ndarray]:
     """Write a tiny GGUF of `arch` (llama, qwen2 or qwen3) and return the HF-named float32 weights that
     reading it must give. Quantization works on rows independently, so for the permuted q/k the expected
     HF weight is simply dequantize(quantize(w))."""
@@ -75,6 +75,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", types: dict | None = None, 
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_dimension_count(HEAD_DIM)
+    if rope_scaling is not None:  # (type, factor, original context length)
+        writer.add_rope_scaling_type(rope_scaling[0])
+        writer.add_rope_scaling_factor(rope_scaling[1])
+        writer.add_rope_scaling_orig_ctx_len(rope_scaling[2])
     if arch == "qwen3":
         writer.add_key_length(HEAD_DIM)
         writer.add_value_length(HEAD_DIM)
@@ -224,6 +228,17 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     write_tiny_gguf(path, rope_freqs=np.linspace(1.0, 3.0, HEAD_DIM // 2))
     with pytest.raises(ValueError, match="rope_freqs"):
         load_gguf(str(path))
+
+
+@pytest.mark.parametrize("kind,expected", [
+    (gguf.RopeScalingType.LINEAR, {"rope_type": "linear", "factor": 4.0}),
+    (gguf.RopeScalingType.YARN, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    (gguf.RopeScalingType.NONE, {"rope_type": "default"}),
+], ids=lambda v: getattr(v, "value", None) or "")
+def test_rope_scaling_metadata(tmp_path, kind, expected):
+    path = tmp_path / "scaled.gguf"
+    write_tiny_gguf(path, rope_scaling=(kind, 4.0, 64))
+    assert load_gguf(str(path)).config.rope_parameters == {"rope_theta": 10000.0, **expected}
 
 
 def test_tokenizer_and_chat_template(tmp_path):

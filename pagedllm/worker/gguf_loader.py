@@ -192,8 +192,10 @@ def _build_config(reader, metadata: dict[str, Any], arch: str):
 def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
     factor = metadata.get(f"{arch}.rope.scaling.factor")
-    if kind == "none" or factor in (None, 0.0, 1.0) and kind == "linear":
+    if kind == "none" or (kind == "linear" and factor in (None, 0.0, 1.0)):
         return {}
+    if factor is None:
+        raise ValueError(f"GGUF rope scaling {kind!r} has no {arch}.rope.scaling.factor.")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
