@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _METRIC_NAMES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
                  "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
 
@@ -52,7 +54,10 @@ def random_requests(tokenizer, num_prompts: int, input_len: int, output_len: int
         raise ValueError("input length, output length and the number of prompts must be >= 1.")
     rng = random.Random(seed)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [t for t in range(tokenizer.vocab_size) if t not in special]
+    pieces = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    # Byte-fallback pieces (<0xE2>) decode alone to U+FFFD, which re-encodes longer: leave them out.
+    vocab = [t for t, piece in enumerate(pieces)
+             if t not in special and not (isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece))]
     requests = []
     for _ in range(num_prompts):
         n_in = rng.randint(max(1, int(input_len * (1 - range_ratio))), max(1, int(input_len * (1 + range_ratio))))
