@@ -8,8 +8,8 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -66,13 +66,29 @@ class LLM:
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search over each prompt; the beams share KV blocks by reference count as they fork and drop."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        outputs = self._run(list(prompts), [params] * len(prompts), use_tqdm,
+                            add=self.llm_engine.add_beam_search_request)
+        results = []
+        for output in outputs:
+            sequences = [BeamSearchSequence(
+                tokens=output.prompt_token_ids + c.token_ids, logprobs=[], cum_logprob=c.cumulative_logprob,
+                score=c.cumulative_logprob / max(1, len(c.token_ids)) ** params.length_penalty, text=c.text,
+                finish_reason=c.finish_reason) for c in output.outputs]
+            results.append(BeamSearchOutput(sequences))
+        return results
+
+    def _run(self, prompts: list, params_list: list, use_tqdm: bool, add=None) -> list[RequestOutput]:
         engine = self.llm_engine
+        add = add or engine.add_request
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, params)
+                add(request_id, prompt, params)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)

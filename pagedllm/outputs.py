@@ -49,3 +49,18 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = field(default=None, repr=False)
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]  # prompt + generated
+    logprobs: list[float]  # of each generated token
+    cum_logprob: float
+    score: float  # cum_logprob / generated_length ** length_penalty
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -94,6 +94,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:  # idle: a beam waiting for its siblings
+                i += 1
+                continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -13,9 +13,10 @@ from pagedllm.config import EngineArgs, EngineConfig, ModelConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.beam_search import BeamState
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner, RunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,20 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer | None
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
+
+
+@dataclass
+class _BeamGroup:
+    """A beam-search request: its live beams are sequences in the scheduler, forked from their parents."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: BeamSearchParams
+    state: BeamState
+    beams: list[Request]  # in the state's beam order
+    metrics: RequestMetrics
+    reported: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # beam id -> its top 2k
+    num_forks: int = 0
 
 
 @dataclass
@@ -93,7 +108,9 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
         self._arrivals = itertools.count()
-        self._compiling: list[Request] = []  # structured-output requests whose grammar is still compiling
+        self._compiling: list[Request] = []
+        self._beam_groups: dict[str, _BeamGroup] = {}  # by user request id
+        self._beam_of: dict[str, _BeamGroup] = {}  # by beam sequence id  # structured-output requests whose grammar is still compiling
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         tokens = num_blocks * self.config.block_size
@@ -111,19 +128,7 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        num_prompt = len(prompt_ids)
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"The prompt has {num_prompt} tokens, but max_model_len is {self.max_model_len}: "
-                             f"it must be at most {self.max_model_len - 1} tokens to leave room for output.")
-        max_tokens = self.max_model_len - num_prompt
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
-        most_tokens = num_prompt + max_tokens
-        if self.kv_cache.blocks_needed(most_tokens) > self.kv_cache.num_blocks:
-            raise ValueError(f"The request needs up to {most_tokens} tokens of KV cache "
-                             f"({self.kv_cache.blocks_needed(most_tokens)} blocks), but the whole cache holds "
-                             f"{self.kv_cache.num_blocks} blocks of {self.config.block_size}: it can never fit.")
+        prompt_text, prompt_ids, max_tokens = self._check_prompt(prompt, params.max_tokens)
         if params.structured_outputs is not None:
             self._structured().validate(params.structured_outputs)
         now = time.time() if arrival_time is None else arrival_time
@@ -170,6 +175,80 @@ class LLMEngine:
                 still.append(request)
         self._compiling = still
 
+    def _check_prompt(self, prompt, max_tokens: int | None) -> tuple[str | None, list[int], int]:
+        """Tokenize and check that the prompt, and its longest output, fit the model and the cache."""
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        num_prompt = len(prompt_ids)
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"The prompt has {num_prompt} tokens, but max_model_len is {self.max_model_len}: "
+                             f"it must be at most {self.max_model_len - 1} tokens to leave room for output.")
+        limit = self.max_model_len - num_prompt
+        max_tokens = limit if max_tokens is None else min(limit, max_tokens)
+        most_tokens = num_prompt + max_tokens
+        if self.kv_cache.blocks_needed(most_tokens) > self.kv_cache.num_blocks:
+            raise ValueError(f"The request needs up to {most_tokens} tokens of KV cache "
+                             f"({self.kv_cache.blocks_needed(most_tokens)} blocks), but the whole cache holds "
+                             f"{self.kv_cache.num_blocks} blocks of {self.config.block_size}: it can never fit.")
+        return prompt_text, prompt_ids, max_tokens
+
+    def add_beam_search_request(self, request_id: str, prompt: str | list[int] | dict,
+                                params: BeamSearchParams, arrival_time: float | None = None) -> None:
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam search needs BeamSearchParams, got {type(params).__name__}.")
+        if request_id in self._groups or request_id in self._beam_groups:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        if 2 * params.beam_width > self.config.model.vocab_size:
+            raise ValueError(f"beam_width {params.beam_width} is too large for a vocabulary of "
+                             f"{self.config.model.vocab_size}.")
+        prompt_text, prompt_ids, max_tokens = self._check_prompt(prompt, params.max_tokens)
+        now = time.time() if arrival_time is None else arrival_time
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        state = BeamState(params.beam_width, max_tokens, params.length_penalty, eos)
+        # Each beam computes its tokens and reports the 2k most likely next ones (raw logprobs, greedy).
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2 * params.beam_width,
+                                  ignore_eos=True, detokenize=False)
+        root = Request(f"{request_id}#0", prompt_ids, sampling, now, next(self._arrivals), max_tokens)
+        group = _BeamGroup(request_id, prompt_text, prompt_ids, params, state, [root], RequestMetrics(now))
+        self._beam_groups[request_id] = group
+        self._beam_of[root.request_id] = group
+        self.scheduler.add_request(root)
+
+    def _beam_reported(self, group: _BeamGroup, request: Request, info) -> RequestOutput | None:
+        _, _, top_ids, top_lps = info
+        group.reported[request.request_id] = list(zip(top_ids, top_lps))
+        if len(group.reported) < len(group.beams):
+            return None
+        old = group.beams
+        chosen = group.state.step([group.reported[b.request_id] for b in old])
+        group.reported = {}
+        group.beams = []
+        if not group.state.done:
+            for parent_index, beam in chosen:
+                parent = old[parent_index]
+                group.num_forks += 1
+                child = Request(f"{group.request_id}#{group.num_forks}", group.prompt_token_ids,
+                                parent.sampling_params, parent.arrival_time, parent.arrival_index, parent.max_tokens)
+                child.output_token_ids = list(beam.tokens)
+                child.token_ids = group.prompt_token_ids + beam.tokens
+                if parent.request_id in self.kv_cache.block_tables:  # share its blocks: fork, no copy
+                    self.kv_cache.fork(parent, child, parent.num_computed_tokens)
+                    child.num_computed_tokens = parent.num_computed_tokens
+                self._beam_of[child.request_id] = group
+                self.scheduler.add_forked_request(child)
+                group.beams.append(child)
+        for request in old:  # dropped or replaced by their children: references go back
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            del self._beam_of[request.request_id]
+        if not group.state.done:
+            return None
+        del self._beam_groups[group.request_id]
+        group.metrics.finished_time = time.time()
+        completions = []
+        for index, (score, beam, reason) in enumerate(group.state.results()):
+            text = self.tokenizer.decode(beam.tokens, skip_special_tokens=True) if self.tokenizer else ""
+            completions.append(CompletionOutput(index, text, beam.tokens, beam.cum_logprob, None, reason))
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, True, group.metrics)
+
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -210,6 +289,11 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
+            beam_group = self._beam_groups.pop(request_id, None)
+            if beam_group is not None:
+                for request in beam_group.beams:
+                    self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+                    self._beam_of.pop(request.request_id, None)
             group = self._groups.pop(request_id, None)
             if group is None:
                 continue
@@ -223,7 +307,7 @@ class LLMEngine:
             self.structured.remove_request(seq.request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or bool(self._beam_groups)
 
     def wait_for_work(self) -> None:
         """Block briefly when only grammar compilation is pending (the offline loop would otherwise spin)."""
@@ -255,7 +339,8 @@ class LLMEngine:
             return []
         now = time.time()
         for request in sched.requests:
-            group, _ = self._sequences[request.request_id]
+            group = self._beam_of[request.request_id] if request.request_id in self._beam_of else \
+                self._sequences[request.request_id][0]
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(group.prompt_token_ids)
@@ -274,7 +359,14 @@ class LLMEngine:
     def _process(self, output: RunnerOutput) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Group] = {}
+        outputs = []
         for i, (request, token_id) in enumerate(zip(output.sampled_requests, output.token_ids)):
+            beam_group = self._beam_of.get(request.request_id)
+            if beam_group is not None:
+                finished_beams = self._beam_reported(beam_group, request, output.logprobs[i])
+                if finished_beams is not None:
+                    outputs.append(finished_beams)
+                continue
             group, seq = self._sequences[request.request_id]
             if group.pending_forks:
                 self._fork(group, request)
@@ -291,7 +383,6 @@ class LLMEngine:
             if status is not None:
                 self._drop_sequence(seq, status)
             touched[group.request_id] = group
-        outputs = []
         for group in touched.values():
             finished = group.finished
             if finished:
