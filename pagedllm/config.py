@@ -179,4 +179,7 @@ def _pick_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> to
     if device.type == "cpu" and model_dtype == torch.float16:
         logger.info("float16 weights run as float32 on the CPU")
         return torch.float32
+    if device.type == "cuda" and model_dtype == torch.float32:
+        logger.info("float32 weights run as bfloat16 on the GPU (pass dtype='float32' to keep them)")
+        return torch.bfloat16
     return model_dtype

@@ -44,7 +44,7 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
 
 def test_missing_model_directory():
-    with pytest.raises(ValueError, match="not a local directory"):
+    with pytest.raises(ValueError, match="no such file or directory"):
         LLM("/nonexistent/model", skip_tokenizer_init=True)
 
 

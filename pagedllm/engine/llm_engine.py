@@ -1,6 +1,7 @@
 """LLMEngine: takes requests, steps the scheduler and the model runner, and turns sampled tokens into outputs."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -82,6 +83,11 @@ class _Group:
 class LLMEngine:
     def __init__(self, args: EngineArgs, stream_outputs: bool = True) -> None:
         start = time.perf_counter()
+        from pagedllm.model_resolution import resolve_model
+        resolved = resolve_model(args.model)  # a local directory, a .gguf file, or a hub id from the cache
+        tokenizer_path = resolve_model(args.tokenizer).path if args.tokenizer else None
+        served_name = args.served_model_name or resolved.name
+        args = dataclasses.replace(args, model=resolved.path, tokenizer=tokenizer_path, served_model_name=served_name)
         self.args = args
         self.stream_outputs = stream_outputs  # False: step() returns only finished requests (offline use)
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args)
@@ -462,8 +468,6 @@ def _load_model_config(args: EngineArgs) -> ModelConfig:
     if args.model.endswith(".gguf"):
         from pagedllm.worker.gguf_loader import load_gguf
         return ModelConfig.from_dict(load_gguf(args.model).config.to_dict())
-    if not os.path.isdir(args.model):
-        raise ValueError(f"model {args.model!r} is not a local directory or .gguf file.")
     return ModelConfig.from_path(args.model)
 
 
