@@ -99,6 +99,19 @@ def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int] | None
                              stop_token_ids=list(info.stop_token_ids), add_prefix_space=info.add_prefix_space)
 
 
+# xgrammar (0.2.8) writes the characters of a string with minLength/maxLength as [^"\\\r\n], which lets raw control
+# characters (a tab, \x01, ...) into the JSON string: invalid JSON. Its own free-string rule excludes \0-\x1f.
+_LOOSE_STRING_CHAR = r' ::= (([^\"\\\r\n]))'
+_STRICT_STRING_CHAR = r' ::= (([^\0-\x1f\"\\\r\n]))'
+
+
+def _json_string_fix(grammar: xgr.Grammar) -> xgr.Grammar:
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _STRICT_STRING_CHAR))
+
+
 def _choice_ebnf(choices: list[str]) -> str:
     # JSON string escapes (\" \\ \n \uXXXX) are valid in xgrammar's EBNF literals; keep non-ASCII raw
     return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
@@ -140,12 +153,10 @@ class StructuredOutputManager:
     def _grammar(self, key: tuple[str, str]) -> xgr.Grammar:
         kind, text = key
         try:
-            if kind == "json":
-                return xgr.Grammar.from_json_schema(text, any_whitespace=True,
-                                                    max_whitespace_cnt=self._json_max_whitespace)
-            if kind == "json_object":
-                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=True,
-                                                    max_whitespace_cnt=self._json_max_whitespace)
+            if kind in ("json", "json_object"):
+                schema = text if kind == "json" else '{"type": "object"}'
+                return _json_string_fix(xgr.Grammar.from_json_schema(
+                    schema, any_whitespace=True, max_whitespace_cnt=self._json_max_whitespace))
             if kind == "regex":
                 return xgr.Grammar.from_regex(text)
             if kind == "choice":
@@ -263,6 +274,9 @@ class StructuredOutputManager:
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
+
+    def num_requests(self) -> int:
+        return len(self._requests)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
