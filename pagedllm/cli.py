@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pagedllm.bench import throughput, serving
+    from pagedllm.bench import latency, serving, throughput
     throughput.add_parser(bench_sub)
+    latency.add_parser(bench_sub)
     serving.add_parser(bench_sub)
 
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("PAGEDLLM_SHARED", REPO.parent / "shared"))  # the GPU machine carries a copy
 STORIES = SHARED / "models" / "stories260K"
 QWEN3_TOKENIZER = SHARED / "tokenizers" / "qwen3"
 

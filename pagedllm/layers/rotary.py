@@ -41,6 +41,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q [T, h, d], k [T, kvh, d]
+        if q.is_cuda:
+            from pagedllm.layers.triton_ops import rotary_embedding
+            return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)

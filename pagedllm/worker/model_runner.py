@@ -1,6 +1,7 @@
 """Executes one scheduled step: builds the batch tensors, runs the model, samples. Knows token ids, not text."""
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pagedllm.core.request import Request
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.model.registry import get_model_class
 from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from pagedllm.worker.input_batch import InputBuffers, StepInputs, slots_of
 from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,12 @@ class ModelRunner:
         self.backend = get_attention_backend(self.device)
         self.model = self._load_model()
         self.kv_caches: list[torch.Tensor] = []
+        self.host_caches: list[torch.Tensor] = []
         self.generators: dict[str, torch.Generator] = {}
+        max_seqs = config.args.max_num_seqs
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_seqs), max_seqs,
+                                    cdiv(config.max_model_len, self.block_size), self.device)
+        self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.args.seed))
 
     # -- startup ---------------------------------------------------------------------------------------------------
@@ -138,6 +146,9 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin)
                             for _ in range(cfg.num_layers)] if num_host_blocks else []
+        if self.device.type == "cuda" and not self.config.args.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.buffers, self.config.args.max_num_seqs)
+            self.graphs.capture()
 
     def move_blocks(self, sched: SchedulerOutput) -> None:
         """Swaps out, then swaps in, then copy-on-write copies: all before the step's forward writes anything."""
@@ -165,49 +176,61 @@ class ModelRunner:
         for request_id in sched.finished_request_ids:
             self.generators.pop(request_id, None)
         self.move_blocks(sched)
-        input_ids, positions, meta, sample_requests, sample_rows = self._prepare_inputs(sched, block_tables)
-        hidden = self.model(input_ids, positions, meta)
+        step, sample_requests, sample_rows = self._build_step(sched, block_tables)
+        sampling = self._sampling_metadata(sample_requests) if sample_requests else None
+        num_seqs = len(step.seq_lens)
+        padded = self._decode_batch_size(step)
+        if padded is not None:
+            # Decode-only on the GPU: padded to a captured size, replayed as a graph (or, with enforce_eager, run
+            # as the same padded batch, so that graphs and eager compute exactly the same thing).
+            step.pad_decode_batch(padded)
+            if self.graphs is not None:
+                hidden = self.graphs.run(step)[:num_seqs]
+            else:
+                input_ids, positions, meta = self.buffers.load(step, full_width=True)
+                hidden = self.model(input_ids, positions, meta)[:num_seqs]
+        else:
+            input_ids, positions, meta = self.buffers.load(step)
+            hidden = self.model(input_ids, positions, meta)
         if not sample_requests:
             return RunnerOutput([], [])
-        logits = self.model.compute_logits(hidden[sample_rows])
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         if grammar_bitmask_fn is not None:
             grammar_bitmask_fn(logits, sample_requests)
-        output = self.sampler(logits, self._sampling_metadata(sample_requests))
-        return self._to_host(sample_requests, output)
+        return self._to_host(sample_requests, self.sampler(logits, sampling))
 
-    def _prepare_inputs(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]):
+    def _decode_batch_size(self, step: StepInputs) -> int | None:
+        num_seqs = len(step.seq_lens)
+        if self.device.type != "cuda" or step.num_decodes != num_seqs:
+            return None
+        sizes = capture_sizes(self.config.args.max_num_seqs)
+        index = bisect.bisect_left(sizes, num_seqs)
+        return sizes[index] if index < len(sizes) else None
+
+    def _build_step(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]):
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts, seq_lens, tables = [0], [], []
+        step = StepInputs([], [], [], [0], [], [], sched.num_decodes, max(sched.num_new_tokens))
         sample_requests, sample_rows = [], []
         for request, num_new in zip(sched.requests, sched.num_new_tokens):
             start = request.num_computed_tokens
             end = start + num_new
             table = block_tables[request.request_id]
-            input_ids.extend(request.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            starts.append(starts[-1] + num_new)
-            seq_lens.append(end)
-            tables.append(table)
+            if num_new == 1:
+                step.input_ids.append(request.token_ids[start])
+                step.positions.append(start)
+            else:
+                step.input_ids.extend(request.token_ids[start:end])
+                step.positions.extend(range(start, end))
+            step.slot_mapping.extend(slots_of(table, start, end, bs))
+            step.query_start_loc.append(step.query_start_loc[-1] + num_new)
+            step.seq_lens.append(end)
+            step.block_tables.append(table)
             if end == request.num_tokens:
                 sample_requests.append(request)
-                sample_rows.append(starts[-1] - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decodes=sched.num_decodes, max_query_len=max(sched.num_new_tokens), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_requests,
-                torch.tensor(sample_rows, dtype=torch.int64, device=dev))
+                sample_rows.append(step.query_start_loc[-1] - 1)
+        return step, sample_requests, sample_rows
 
     def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
         dev = self.device

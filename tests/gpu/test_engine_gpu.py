@@ -1,0 +1,98 @@
+"""The engine on the GPU: greedy outputs close to HF transformers in bf16 (each side's token in the other's top-5 at
+the first divergence), CUDA graphs giving exactly the tokens of eager mode, and real architectures' shapes."""
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from tests.conftest import REPO, STORIES, build_tiny_model, random_prompts
+
+pytestmark = pytest.mark.gpu
+MAX_TOKENS = 32
+
+
+@pytest.fixture(autouse=True)
+def free_gpu_memory():
+    import gc
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _hf_greedy_with_top5(model, prompt, max_tokens):
+    out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    top5 = [set(s[0].float().log_softmax(-1).topk(5).indices.tolist()) for s in out.scores]
+    return tokens, top5
+
+
+def _check_close(ours, hf_tokens, hf_top5):
+    tokens = ours.token_ids
+    for i, (a, b) in enumerate(zip(tokens, hf_tokens)):
+        if a != b:
+            assert a in hf_top5[i], f"position {i}: our token {a} is not in HF's top-5"
+            assert b in ours.logprobs[i], f"position {i}: HF's token {b} is not in our top-5"
+            return i
+    return None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu_models")
+    paths = {kind: build_tiny_model(kind, root / kind) for kind in ("qwen3", "llama-gqa", "llama3-mqa")}
+    if STORIES.exists():
+        paths["stories260K"] = STORIES
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama-gqa", "llama3-mqa", "stories260K"])
+def test_greedy_close_to_hf_bf16(models, kind):
+    if kind not in models:
+        pytest.skip("stories260K is not here")
+    from transformers import AutoModelForCausalLM
+    path = models[kind]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    prompts = random_prompts(6, min_len=1, max_len=200, seed=50)
+    llm = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5),
+                           use_tqdm=False)
+    identical = 0
+    for prompt, output in zip(prompts, outputs):
+        hf_tokens, hf_top5 = _hf_greedy_with_top5(hf, prompt, MAX_TOKENS)
+        identical += _check_close(output.outputs[0], hf_tokens, hf_top5) is None
+    assert identical >= len(prompts) // 2
+
+
+@pytest.mark.parametrize("model", ["qwen3", "qwen3-0.6b-dummy"])
+def test_cuda_graphs_equal_eager(models, model):
+    if model == "qwen3-0.6b-dummy":
+        kwargs = dict(model=str(REPO / "benchmarks" / "configs" / "qwen3-0.6b"), load_format="dummy",
+                      max_model_len=2048)
+    else:
+        kwargs = dict(model=str(models[model]))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(37, min_len=1, max_len=300, seed=51)]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=40, ignore_eos=True)
+              for i in range(len(prompts))]
+    results = []
+    for eager in (True, False):
+        llm = LLM(skip_tokenizer_init=True, enforce_eager=eager, gpu_memory_utilization=0.3, **kwargs)
+        assert (llm.llm_engine.runner.graphs is None) == eager
+        results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
+
+
+def test_memory_planning_fills_the_budget():
+    llm = LLM(str(REPO / "benchmarks" / "configs" / "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
+              gpu_memory_utilization=0.5, max_model_len=4096)
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    assert 0.35 * total < used < 0.55 * total, (used / total)
+    out = llm.generate([{"prompt_token_ids": [5] * 1000}] * 8, SamplingParams(max_tokens=16, ignore_eos=True),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in out)
