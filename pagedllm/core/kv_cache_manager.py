@@ -71,9 +71,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self.block_tables.get(request.request_id)
-        if not table:
+        num_full = min(request.num_computed_tokens // self.block_size, len(table or ()))
+        if num_full <= request.num_registered_blocks:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        request.num_registered_blocks = num_full
         self._update_keys(request, num_full)
         for i in range(num_full):
             self.pool.register(table[i], request.block_keys[i])
@@ -83,6 +84,11 @@ class KVCacheManager:
         """Make room for num_new_tokens more tokens (after any cached_blocks taken from the prefix cache); copy
         shared blocks that these tokens will write into. False, with nothing changed, when the pool is short."""
         table = self.block_tables.get(request.request_id, [])
+        end = request.num_computed_tokens + num_new_tokens
+        if not cached_blocks and end <= len(table) * self.block_size:  # fast path: room already there
+            last = table[request.num_computed_tokens // self.block_size]
+            if self.pool.ref_counts[last] == 1 and (end - 1) // self.block_size == request.num_computed_tokens // self.block_size:
+                return True
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
         need_new = total - len(table) - len(cached_blocks)
@@ -159,16 +165,14 @@ class KVCacheManager:
 
     # -- accounting ----------------------------------------------------------------------------------------------------
     def waste(self, requests: list[Request]) -> tuple[int, int, int]:
-        """(token slots holding a token, slots allocated to sequences, slots of distinct physical blocks in use)
+        """(token slots holding a token, slots in the sequences' block tables, slots of the physical blocks in use)
         over the given requests: internal fragmentation is 1 - used / allocated; sharing saves
-        1 - physical / allocated."""
+        1 - physical / allocated (blocks held only by the prefix cache are free, so not counted)."""
         used = allocated = 0
-        physical: set[int] = set()
+        tables = self.block_tables
         for request in requests:
-            table = self.block_tables.get(request.request_id)
-            if not table:
-                continue
-            used += min(request.num_computed_tokens, len(table) * self.block_size)
-            allocated += len(table) * self.block_size
-            physical.update(table)
-        return used, allocated, len(physical) * self.block_size
+            table = tables.get(request.request_id)
+            if table:
+                used += request.num_computed_tokens
+                allocated += len(table)
+        return used, allocated * self.block_size, self.pool.num_used_blocks * self.block_size

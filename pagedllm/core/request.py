@@ -37,6 +37,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     cache_salt: str | None = None  # extra prefix-cache key for anything that changes K/V (e.g. a LoRA adapter)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, computed lazily
+    num_registered_blocks: int = 0  # full blocks already offered to the prefix cache
     stop_reason: int | str | None = None
     num_preemptions: int = 0
 

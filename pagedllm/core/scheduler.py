@@ -147,6 +147,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         request.num_preemptions += 1
+        request.num_registered_blocks = 0  # its tokens will live in other blocks
         self.num_preemptions += 1
         pairs = self.kv_cache.swap_out(request) if self.preemption_mode == "swap" else None
         if pairs is not None:
