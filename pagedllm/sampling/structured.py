@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 _XGR_ERROR_PREFIX = re.compile(r"^\s*\[[\d:.]+\]\s+\S+:\d+:\s*(Check failed: .*? is false:\s*)?")
 
 
+_BATCH_FILL_MIN_ROWS = 8  # below this, handing rows to xgrammar's thread pool costs more than it saves
+
+
 @dataclass
 class _RequestState:
     key: tuple[str, str]
@@ -122,11 +125,12 @@ class StructuredOutputManager:
 
     def __init__(self, tokenizer, vocab_size: int, *, stop_token_ids: list[int] | None = None,
                  max_compile_threads: int | None = None, max_cached_grammars: int = 64,
-                 json_max_whitespace: int | None = 16) -> None:
+                 json_max_whitespace: int | None = 16, fill_threads: int | None = None) -> None:
         """tokenizer: a transformers tokenizer; vocab_size: the model's logits width (>= the tokenizer's ids: the
         extra ids are never allowed in a constrained row); stop_token_ids: the ids that may end a structure
         (default: the tokenizer's EOS); json_max_whitespace: the longest whitespace run allowed between JSON tokens
-        (None = unbounded; bounded by default so that a weak model cannot loop on whitespace forever)."""
+        (None = unbounded; bounded by default so that a weak model cannot loop on whitespace forever);
+        fill_threads: threads that fill the bitmask rows of a large batch (None: half the cores; 1: no threads)."""
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if vocab_size < len(tokenizer):
@@ -146,6 +150,7 @@ class StructuredOutputManager:
         self._max_cached = max_cached_grammars
         self._lock = threading.Lock()
         self._requests: dict[str, _RequestState] = {}
+        self._batch_matcher = None if fill_threads == 1 else xgr.BatchGrammarMatcher(fill_threads or "auto")
         self._bitmask = self._allocate_bitmask(8)
         self._copy_done: torch.cuda.Event | None = None  # the last host->device copy that reads self._bitmask
 
@@ -233,10 +238,17 @@ class StructuredOutputManager:
         bitmask = self._bitmask[:len(request_ids)]
         if len(rows) < len(request_ids):
             bitmask.fill_(-1)
+        live_rows, live_matchers = [], []
         for row, matcher in zip(rows, matchers):
             if matcher.is_terminated():  # finished structure: only a stop token may follow
                 self._fill_stop_only(bitmask[row])
             else:
+                live_rows.append(row)
+                live_matchers.append(matcher)
+        if self._batch_matcher is not None and len(live_rows) >= _BATCH_FILL_MIN_ROWS:
+            self._batch_matcher.batch_fill_next_token_bitmask(live_matchers, bitmask, live_rows)
+        else:
+            for row, matcher in zip(live_rows, live_matchers):
                 matcher.fill_next_token_bitmask(bitmask, row)
         return bitmask
 
@@ -257,7 +269,8 @@ class StructuredOutputManager:
 
     def accept_token(self, request_id: str, token_id: int) -> bool:
         """Advance the request's matcher; False (and the matcher unchanged) if the grammar does not allow token_id."""
-        accepted = self._matcher(request_id).accept_token(int(token_id))
+        matcher = self._matcher(request_id)
+        accepted = not matcher.is_terminated() and matcher.accept_token(int(token_id))
         if not accepted:
             logger.warning("structured output: request %r: token %d is not allowed by its grammar",
                            request_id, token_id)
