@@ -45,6 +45,14 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
+def allowed_ids(bitmask_row: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The token ids one bitmask row allows (unpacking only its non-zero words)."""
+    words = (bitmask_row != 0).nonzero().flatten()
+    bits = (bitmask_row[words].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    ids = (words.unsqueeze(-1) * 32 + torch.arange(32))[bits.bool()]
+    return ids[ids < vocab_size]
+
+
 def wait_ready(manager: StructuredOutputManager, request_id: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not manager.is_ready(request_id):
@@ -77,33 +85,34 @@ def decode(manager: StructuredOutputManager, tokenizer, constraints: list[SOP | 
     for step in range(max_steps):
         row_ids = [None if request_id is None or done[request_id] else request_id for request_id in ids]
         logits = torch.randn(len(ids), vocab, generator=generator)
+        check = step % 8 == 0  # the full-vocabulary checks are slow on a 152k vocabulary: every 8th step
         free_rows = [row for row, request_id in enumerate(row_ids) if request_id is None]
-        original = logits[free_rows].clone()
+        original = logits[free_rows].clone() if check and check_free_rows else None
         bitmask = manager.fill_bitmask(row_ids)
         if bitmask is None:
             break
         assert bitmask.dtype == torch.int32 and bitmask.shape == (len(ids), (vocab + 31) // 32)
         manager.apply_bitmask(logits, bitmask)
-        if check_free_rows:
+        if original is not None:
             assert torch.equal(logits[free_rows], original)
         tokens = []
         for row, request_id in enumerate(row_ids):
             if request_id is None:
                 tokens.append(None)
                 continue
-            allowed = unpack(bitmask[row:row + 1], vocab)[0]
-            finite = torch.isfinite(logits[row])
-            if step % 8 == 0:  # the full-vocabulary checks are slow on a 152k vocabulary: every 8th step
-                assert torch.equal(finite, allowed)
+            if check:
+                allowed = unpack(bitmask[row:row + 1], vocab)[0]
+                assert torch.equal(logits[row] != float("-inf"), allowed)
                 # never the ids past the tokenizer, nor its special tokens but the stop ones
                 assert not allowed[len(tokenizer):].any() and not allowed[special_ids].any()
-            candidates = finite.nonzero().flatten()
-            assert len(candidates) > 0
-            if sample:  # draw from the softmax of the allowed logits (the others have probability 0)
-                probs = torch.softmax(logits[row, candidates], dim=-1)
-                tokens.append(int(candidates[torch.multinomial(probs, 1, generator=generator)]))
+            if sample:  # Gumbel-max over the allowed ids: a draw from the softmax of the masked logits
+                candidates = allowed_ids(bitmask[row], vocab)
+                noise = -torch.log(-torch.log(torch.rand(len(candidates), generator=generator).clamp_min(1e-20)))
+                token = int(candidates[torch.argmax(logits[row, candidates] + noise)])
             else:
-                tokens.append(int(logits[row].argmax()))
+                token = int(logits[row].argmax())
+            assert (int(bitmask[row, token // 32]) >> (token % 32)) & 1  # the pick is one the mask allows
+            tokens.append(token)
         for request_id, token in zip(row_ids, tokens):
             if request_id is None:
                 continue

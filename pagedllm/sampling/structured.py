@@ -12,9 +12,14 @@ The engine drives one StructuredOutputManager:
     is_terminated(id)           the structure is complete and a stop token was accepted
     remove_request(id)
 
-Errors: validate() catches every bad constraint up front. add_request() itself does no validation (it must stay
-cheap); a constraint that was never validated and fails to compile surfaces as a ValueError from is_ready() for that
-request only, and the other requests are untouched.
+Errors: validate() parses the constraint (it does not compile it) and rejects a malformed one up front. add_request()
+itself does no validation (it must stay cheap); a constraint that fails later, in the background compilation,
+surfaces as a ValueError from is_ready() for that request only, and the other requests are untouched.
+
+Stop tokens: a structure may end only with a stop token (the tokenizer's EOS, or stop_token_ids given to the
+constructor), which the grammar allows only where the structure is complete; accepting it terminates the matcher.
+Every other special token of the tokenizer is never allowed in a constrained row, nor are ids past the tokenizer's
+vocabulary (the model's logits may be wider).
 """
 from __future__ import annotations
 
