@@ -12,6 +12,7 @@ class SamplingMetadata:
     temperature: torch.Tensor  # float32 [B]; greedy rows hold 1.0 (unused)
     greedy: torch.Tensor  # bool [B]
     all_greedy: bool
+    any_greedy: bool = True
     top_k: torch.Tensor | None = None  # int64 [B]; vocab_size where disabled
     top_p: torch.Tensor | None = None  # float32 [B]
     min_p: torch.Tensor | None = None  # float32 [B]
@@ -73,13 +74,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
                   default_generator: torch.Generator | None) -> torch.Tensor:
-    """Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws a token with probability p. A seeded row draws
-    its noise from its own generator, so its tokens do not depend on the rest of the batch."""
-    noise = torch.empty_like(probs)
-    noise.exponential_(generator=default_generator)
+    """Inverse-CDF sampling: one uniform number per row, located in the row's cumulative distribution. A seeded row
+    draws its number from its own generator, so its tokens do not depend on the rest of the batch."""
+    uniform = torch.rand(probs.shape[0], 1, generator=default_generator, device=probs.device)
     for row, generator in generators.items():
-        noise[row].exponential_(generator=generator)
-    return probs.div(noise).argmax(dim=-1)
+        uniform[row] = torch.rand(1, generator=generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return tokens.clamp_(max=probs.shape[1] - 1).squeeze(1)
 
 
 class Sampler:
@@ -93,17 +95,18 @@ class Sampler:
             logits[row, token_ids] = float("-inf")
         if meta.repetition_penalty is not None:
             logits = apply_penalties(logits, meta)
-        greedy_tokens = logits.argmax(dim=-1)
         if meta.all_greedy:
-            tokens = greedy_tokens
+            tokens = logits.argmax(dim=-1)
         else:
+            greedy_tokens = logits.argmax(dim=-1) if meta.any_greedy else None
             logits = logits / meta.temperature[:, None]
             if meta.min_p is not None:
                 logits = apply_min_p(logits, meta.min_p)
             if meta.top_k is not None or meta.top_p is not None:
                 logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-            sampled = random_sample(logits.softmax(dim=-1), meta.generators, self.default_generator)
-            tokens = torch.where(meta.greedy, greedy_tokens, sampled)
+            tokens = random_sample(logits.softmax(dim=-1), meta.generators, self.default_generator)
+            if greedy_tokens is not None:
+                tokens = torch.where(meta.greedy, greedy_tokens, tokens)
         output = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
             output.sampled_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]

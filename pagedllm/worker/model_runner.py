@@ -238,7 +238,7 @@ class ModelRunner:
         greedy = [p.greedy for p in params]
         meta = SamplingMetadata(
             temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=dev), all_greedy=all(greedy))
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=dev), all_greedy=all(greedy), any_greedy=any(greedy))
         if not meta.all_greedy:
             if any(p.top_k > 0 for p in params):
                 meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
