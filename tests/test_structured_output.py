@@ -165,6 +165,22 @@ def test_json_schemas_validate(qwen3, sample):
         jsonschema.validate(json.loads(text), schema)
 
 
+def test_json_fields_follow_schema_order(qwen3):
+    tokenizer, manager = qwen3
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"enum": [1, 2]},
+                                               "mid": {"type": "boolean"}}, "required": ["zeta", "alpha", "mid"]}
+    for text, terminated in decode(manager, tokenizer, [SOP(json=schema)] * 2, seed=4, sample=True):
+        assert terminated
+        assert [key for key, _ in json.loads(text, object_pairs_hook=list)] == ["zeta", "alpha", "mid"]
+    # a valid document in the schema's order, fed token by token, is accepted to the end
+    manager.add_request("ordered", SOP(json=schema))
+    wait_ready(manager, "ordered")
+    for token in tokenizer.encode(json.dumps({"zeta": 7, "alpha": 2, "mid": True})) + manager.stop_token_ids[:1]:
+        assert manager.accept_token("ordered", token)
+    assert manager.is_terminated("ordered")
+    manager.remove_request("ordered")
+
+
 def test_json_schema_plain_strings(stories):
     jsonschema = pytest.importorskip("jsonschema")
     tokenizer, manager = stories

@@ -71,7 +71,8 @@ def _constraint_key(params: StructuredOutputsParams) -> tuple[str, str]:
             raise ValueError("structured_outputs.json must be a JSON schema object (a dict or its JSON text), "
                              f"got {type(schema).__name__}")
         try:
-            return ("json", json.dumps(schema, sort_keys=True, ensure_ascii=False))
+            # not sort_keys: the order of "properties" is the order the output's fields must follow
+            return ("json", json.dumps(schema, ensure_ascii=False))
         except (TypeError, ValueError) as error:
             raise ValueError(f"structured_outputs.json is not JSON-serialisable: {error}") from None
     if params.json_object:
