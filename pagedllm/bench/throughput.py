@@ -104,6 +104,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
         preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
+    stats = engine.get_stats()
+    result.update(kv_fragmentation=stats.kv_fragmentation, kv_waste_if_contiguous=stats.kv_waste_if_contiguous)
     if args.compare_hf:
         del llm, engine
         _free(device)
@@ -195,7 +197,9 @@ def format_result(r: dict) -> str:
              f"(reference workload: {'yes' if r['reference_workload'] else 'no'}), {r['seconds']:.2f} s",
              f"throughput {r['output_tok_s']:.0f} output tok/s; bound {r['bound_tok_s']:.0f} tok/s "
              f"(copy {r['bandwidth_gb_s']:.0f} GB/s, matmul {r['matmul_tflops']:.1f} TFLOP/s); "
-             f"efficiency {100 * r['efficiency']:.1f}%; preemptions {r['preemptions']}"]
+             f"efficiency {100 * r['efficiency']:.1f}%; preemptions {r['preemptions']}",
+             f"KV waste: {100 * r['kv_fragmentation']:.1f}% of allocated slots empty (mean over steps); contiguous "
+             f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
     if "hf_generate_tok_s" in r:
         lines.append(f"HF generate (padded batches, {r['hf_requests']} requests): {r['hf_generate_tok_s']:.0f} tok/s "
                      f"-> pagedllm is {r['hf_generate_ratio']:.1f}x")

@@ -36,6 +36,7 @@ class EngineStats:
     num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model (cache hits excluded)
     kv_fragmentation: float = 0.0  # mean over steps: allocated slots of running sequences holding no token
     kv_sharing_savings: float = 0.0  # mean over steps: 1 - physical blocks / blocks in sequences' tables
+    kv_waste_if_contiguous: float = 0.0  # mean over steps, had each running sequence reserved max_model_len slots
     num_swaps: int = 0
 
 
@@ -109,7 +110,8 @@ class LLMEngine:
                                        num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens,
                                    args.preemption_mode)
-        self._waste = [0, 0, 0, 0]  # sums over steps: fragmentation, sharing savings, steps; computed prompt tokens
+        self._waste = [0, 0, 0, 0, 0]  # sums over steps: fragmentation, sharing savings, steps, computed prompt
+        # tokens, waste of contiguous reservation
         self.structured = None  # StructuredOutputManager, created on first use
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
@@ -321,12 +323,16 @@ class LLMEngine:
             time.sleep(0.001)
 
     def get_stats(self) -> EngineStats:
-        fragmentation, savings, steps, computed = self._waste
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
-                           self.scheduler.num_preemptions, self.num_prompt_tokens, self.num_generation_tokens,
-                           self.kv_cache.num_blocks, self.kv_cache.hit_rate, computed,
-                           fragmentation / steps if steps else 0.0, savings / steps if steps else 0.0,
-                           self.scheduler.num_swaps)
+        fragmentation, savings, steps, computed, contiguous = self._waste
+        steps = steps or 1
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.kv_cache.usage, num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+            num_blocks=self.kv_cache.num_blocks, prefix_cache_hit_rate=self.kv_cache.hit_rate,
+            num_computed_prompt_tokens=computed, kv_fragmentation=fragmentation / steps,
+            kv_sharing_savings=savings / steps, kv_waste_if_contiguous=contiguous / steps,
+            num_swaps=self.scheduler.num_swaps)
 
     def _account(self, sched) -> None:
         used, allocated, physical = self.kv_cache.waste(self.scheduler.running)
@@ -334,6 +340,7 @@ class LLMEngine:
             self._waste[0] += 1 - used / allocated
             self._waste[1] += 1 - physical / allocated
             self._waste[2] += 1
+            self._waste[4] += 1 - used / (len(self.scheduler.running) * self.max_model_len)
         self._waste[3] += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
                               for r, n in zip(sched.requests, sched.num_new_tokens))
 
