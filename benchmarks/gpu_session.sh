@@ -15,7 +15,9 @@ case "${1:-tests}" in
     python3 -m pytest -q -x tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
   small)
     bench throughput --model benchmarks/configs/qwen3-0.6b --load-format dummy --compare-hf \
-      --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -8 ;;
+      --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -8
+    python3 benchmarks/bench_sharing.py prefix --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+      --num-prompts 256 --output-len 64 --max-model-len 4096 2>&1 | tee "$OUT/prefix.log" | grep -v INFO | tail -3 ;;
   large)
     bench throughput --model benchmarks/configs/qwen3-8b --load-format dummy \
       --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -6
