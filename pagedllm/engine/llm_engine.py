@@ -86,7 +86,9 @@ class LLMEngine:
         start = time.perf_counter()
         from pagedllm.model_resolution import resolve_model
         resolved = resolve_model(args.model)  # a local directory, a .gguf file, or a hub id from the cache
-        tokenizer_path = resolve_model(args.tokenizer).path if args.tokenizer else None
+        tokenizer_path = args.tokenizer
+        if tokenizer_path and not os.path.isdir(tokenizer_path):  # a directory of tokenizer files is used as is
+            tokenizer_path = resolve_model(tokenizer_path).path
         served_name = args.served_model_name or resolved.name
         args = dataclasses.replace(args, model=resolved.path, tokenizer=tokenizer_path, served_model_name=served_name)
         self.args = args
@@ -170,18 +172,35 @@ class LLMEngine:
             else:
                 self.scheduler.add_request(seq.request)
 
-    def _admit_compiled(self) -> None:
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar is ready join the scheduler; one whose grammar failed to compile ends (abort,
+        with the error as its stop_reason) without touching anyone else."""
         if not self._compiling:
-            return
-        still = []
+            return []
+        still, failed = [], []
         for request in self._compiling:
             if request.request_id not in self._sequences:
                 continue  # aborted while compiling
-            if self.structured.is_ready(request.request_id):
+            try:
+                ready = self.structured.is_ready(request.request_id)
+            except ValueError as error:
+                failed.append(self._fail(self._sequences[request.request_id][0], str(error)))
+                continue
+            if ready:
                 self.scheduler.add_request(request)
             else:
                 still.append(request)
         self._compiling = still
+        return failed
+
+    def _fail(self, group: _Group, message: str) -> RequestOutput:
+        for seq in group.sequences:
+            seq.request.stop_reason = message
+            self._drop_sequence(seq, RequestStatus.FINISHED_ABORTED)
+        group.pending_forks = []
+        self._groups.pop(group.request_id, None)
+        group.metrics.finished_time = time.time()
+        return self._make_output(group, True)
 
     def _check_prompt(self, prompt, max_tokens: int | None) -> tuple[str | None, list[int], int]:
         """Tokenize and check that the prompt, and its longest output, fit the model and the cache."""
@@ -290,7 +309,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("structured outputs need a tokenizer.")
             from pagedllm.sampling.structured import StructuredOutputManager
-            self.structured = StructuredOutputManager(self.tokenizer, self.config.model.vocab_size)
+            self.structured = StructuredOutputManager(self.tokenizer, self.config.model.vocab_size,
+                                                      stop_token_ids=sorted(self.eos_token_ids))
         return self.structured
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -346,10 +366,10 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self._admit_compiled()
+        failed = self._admit_compiled()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return failed
         now = time.time()
         for request in sched.requests:
             group = self._beam_of[request.request_id] if request.request_id in self._beam_of else \
@@ -361,7 +381,7 @@ class LLMEngine:
         self._account(sched)
         output = self.runner.execute(sched, self.kv_cache.block_tables, bitmask_fn)
         self.scheduler.update_after_step(sched)
-        return self._process(output)
+        return failed + self._process(output)
 
     def _apply_grammar(self, logits, requests: list[Request]) -> None:
         ids = [r.request_id if r.sampling_params.structured_outputs is not None else None for r in requests]
@@ -391,7 +411,11 @@ class LLMEngine:
             if output.logprobs is not None and seq.logprobs is not None:
                 self._record_logprobs(seq, token_id, output.logprobs[i])
             if self.structured is not None and request.sampling_params.structured_outputs is not None:
-                self.structured.accept_token(request.request_id, token_id)
+                if not self.structured.accept_token(request.request_id, token_id):
+                    request.stop_reason = f"token {token_id} is not allowed by the structured-output grammar"
+                    self._drop_sequence(seq, RequestStatus.FINISHED_ABORTED)
+                    touched[group.request_id] = group
+                    continue
             status = self._check_stop(seq, token_id)
             if status is not None:
                 self._drop_sequence(seq, status)
@@ -423,6 +447,9 @@ class LLMEngine:
         request = seq.request
         params = request.sampling_params
         stop_string = seq.detokenizer.append(token_id) if seq.detokenizer is not None else None
+        if (self.structured is not None and params.structured_outputs is not None
+                and self.structured.is_terminated(request.request_id)):
+            return RequestStatus.FINISHED_STOPPED  # the structure is complete (min_tokens cannot extend it)
         if request.num_output_tokens >= params.min_tokens:
             if token_id in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
@@ -431,9 +458,6 @@ class LLMEngine:
                 return RequestStatus.FINISHED_STOPPED
             if stop_string is not None:
                 request.stop_reason = stop_string
-                return RequestStatus.FINISHED_STOPPED
-            if (self.structured is not None and params.structured_outputs is not None
-                    and self.structured.is_terminated(request.request_id)):
                 return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH

@@ -253,7 +253,8 @@ class ModelRunner:
             meta.prompt_token_ids = self._padded([r.prompt_token_ids for r in requests])
             meta.output_token_ids = self._padded([r.output_token_ids for r in requests])
         for row, (request, p) in enumerate(zip(requests, params)):
-            if request.num_output_tokens < p.min_tokens:
+            # min_tokens bans the stop tokens; a grammar decides for itself when output may end.
+            if request.num_output_tokens < p.min_tokens and p.structured_outputs is None:
                 stoppers = (*(() if p.ignore_eos else request.eos_token_ids), *p.stop_token_ids)
                 banned = [t for t in stoppers if t < self.vocab_size]
                 if banned:
