@@ -4,7 +4,7 @@
 # Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (pytest, server wheels) carried.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PAGEDLLM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -23,4 +23,7 @@ case "${1:-tests}" in
       --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -6
     bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
       --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tee "$OUT/qwen3_8b_latency.log" | tail -3 ;;
+  profile)
+    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 2>&1 | tail -1
+    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
 esac
