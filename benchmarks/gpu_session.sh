@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
-#   bash benchmarks/gpu_session.sh tests|small|large|serve
-# Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (pytest, server wheels) carried.
+#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
+#   structured profile
+# Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (server, xgrammar, gguf wheels)
+# carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PAGEDLLM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -9,21 +11,46 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-bench() { python3 -m pagedllm.cli bench "$@"; }
-case "${1:-tests}" in
+git log -1 --format='commit %h' 2>/dev/null || true
+QWEN_TOK=.shared/tokenizers/qwen3
+stage() {
+  case "$1" in
   tests)
-    python3 -m pytest -q -x tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    timeout 300 python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+  engine-tests)
+    timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -5 ;;
   small)
-    bench throughput --model benchmarks/configs/qwen3-0.6b --load-format dummy --compare-hf \
-      --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -8
-    python3 benchmarks/bench_sharing.py prefix --model benchmarks/configs/qwen3-0.6b --load-format dummy \
+    timeout 300 python3 -m pagedllm.cli bench throughput --model benchmarks/configs/qwen3-0.6b --load-format dummy --compare-hf \
+      --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -14
+    timeout 150 python3 benchmarks/bench_sharing.py prefix --model benchmarks/configs/qwen3-0.6b --load-format dummy \
       --num-prompts 256 --output-len 64 --max-model-len 4096 2>&1 | tee "$OUT/prefix.log" | grep -v INFO | tail -3 ;;
   large)
-    bench throughput --model benchmarks/configs/qwen3-8b --load-format dummy \
-      --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -6
-    bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
+    timeout 300 python3 -m pagedllm.cli bench throughput --model benchmarks/configs/qwen3-8b --load-format dummy --compare-hf \
+      --hf-num-requests 8 --hf-batch-size 8 \
+      --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -14
+    timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
       --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tee "$OUT/qwen3_8b_latency.log" | tail -3 ;;
+  serve)
+    python3 -m pagedllm.cli serve benchmarks/configs/qwen3-0.6b --load-format dummy --tokenizer $QWEN_TOK \
+      --served-model-name qwen3-0.6b --port 8011 --log-level warning > "$OUT/server.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 180); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+    for rate in 4 16 inf; do
+      timeout 150 python3 -m pagedllm.cli bench serve --base-url http://127.0.0.1:8011 --model qwen3-0.6b --tokenizer $QWEN_TOK \
+        --num-prompts 200 --random-input-len 1024 --random-output-len 128 --request-rate $rate --disable-tqdm \
+        --goodput ttft:500 tpot:50 --save-result --result-filename "$OUT/serve_rate_$rate.json" 2>&1 \
+        | tee -a "$OUT/serve.log" | tail -16
+    done
+    curl -s localhost:8011/metrics | grep -E "^pagedllm:(num_preemptions|prompt_tokens|generation_tokens)_total" | head
+    kill $pid ;;
+  structured)
+    timeout 300 python3 benchmarks/bench_structured.py --tokenizer $QWEN_TOK --model benchmarks/configs/qwen3-0.6b \
+      --load-format dummy --output-json "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log" | grep -v INFO \
+      | tail -14 ;;
   profile)
     python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 2>&1 | tail -1
     python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
-esac
+  *) echo "unknown stage $1"; return 1 ;;
+  esac
+}
+for s in "${@:-tests}"; do echo "=== stage $s"; stage "$s"; done

@@ -59,7 +59,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = run_benchmark(args)
-    print(format_result(result))
+    print(format_result(result), flush=True)  # before the (slow) HF runs, so that a time limit keeps our figures
+    if args.compare_hf:
+        result.update(compare_hf_with(result, args))
+        print(format_hf(result))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
@@ -103,17 +106,26 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         seconds=elapsed, output_tok_s=generated / elapsed, ready_s=ready_s,
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
-        preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
+        preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks, vocab_size=vocab,
+        torch_device=str(device))
     stats = engine.get_stats()
     result.update(kv_fragmentation=stats.kv_fragmentation, kv_waste_if_contiguous=stats.kv_waste_if_contiguous)
-    if args.compare_hf:
-        del llm, engine
-        _free(device)
-        result.update(compare_hf(args, workload, device))
-        for key in ("hf_generate_tok_s", "hf_generate_batch_tok_s"):
-            if result.get(key):
-                result[key.replace("_tok_s", "_ratio")] = result["output_tok_s"] / result[key]
     return result
+
+
+def compare_hf_with(result: dict, args: argparse.Namespace) -> dict:
+    """HF transformers on a subset of the same workload, on the same device; adds the ratios to ours."""
+    import torch
+
+    workload = make_workload(args.num_requests, args.min_input_len, args.max_input_len, args.min_output_len,
+                             args.max_output_len, min(args.vocab_limit, result["vocab_size"] - 1))
+    device = torch.device(result["torch_device"])
+    _free(device)
+    out = compare_hf(args, workload, device)
+    for key in ("hf_generate_tok_s", "hf_generate_batch_tok_s"):
+        if out.get(key):
+            out[key.replace("_tok_s", "_ratio")] = result["output_tok_s"] / out[key]
+    return out
 
 
 def compare_hf(args, workload: Workload, device) -> dict:
@@ -131,9 +143,9 @@ def compare_hf(args, workload: Workload, device) -> dict:
                                            max_model_len=args.max_model_len), model_cfg).dtype
     if args.load_format == "dummy":
         config = AutoConfig.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     model.eval()
     out = {"hf_requests": n, "hf_output_tokens": sum(max_tokens)}
     start = time.perf_counter()
@@ -200,6 +212,11 @@ def format_result(r: dict) -> str:
              f"efficiency {100 * r['efficiency']:.1f}%; preemptions {r['preemptions']}",
              f"KV waste: {100 * r['kv_fragmentation']:.1f}% of allocated slots empty (mean over steps); contiguous "
              f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
+    return "\n".join(lines)
+
+
+def format_hf(r: dict) -> str:
+    lines = []
     if "hf_generate_tok_s" in r:
         lines.append(f"HF generate (padded batches, {r['hf_requests']} requests): {r['hf_generate_tok_s']:.0f} tok/s "
                      f"-> pagedllm is {r['hf_generate_ratio']:.1f}x")

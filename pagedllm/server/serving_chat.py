@@ -16,7 +16,7 @@ from pagedllm.server.errors import APIError, engine_value_error
 from pagedllm.server.params import chat_sampling_params
 from pagedllm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, DeltaMessage, Usage)
-from pagedllm.server.streams import SSE_DONE, abort_all, abort_on_disconnect, chat_logprobs, sse
+from pagedllm.server.streams import SSE_DONE, abort_on_disconnect, chat_logprobs, sse
 
 
 async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequest, raw_request):

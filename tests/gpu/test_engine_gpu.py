@@ -70,7 +70,7 @@ def test_cuda_graphs_equal_eager(models, model):
                       max_model_len=2048)
     else:
         kwargs = dict(model=str(models[model]))
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(37, min_len=1, max_len=300, seed=51)]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(37, min_len=1, max_len=200, seed=51)]
     params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=40, ignore_eos=True)
               for i in range(len(prompts))]
