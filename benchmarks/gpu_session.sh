@@ -29,7 +29,7 @@ stage() {
       --hf-num-requests 8 --hf-batch-size 8 \
       --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -14
     timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
-      --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tee "$OUT/qwen3_8b_latency.log" | tail -3 ;;
+      --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tail -3 ;;
   serve)
     python3 -m pagedllm.cli serve benchmarks/configs/qwen3-0.6b --load-format dummy --tokenizer $QWEN_TOK \
       --served-model-name qwen3-0.6b --port 8011 --log-level warning > "$OUT/server.log" 2>&1 &
@@ -38,7 +38,7 @@ stage() {
     for rate in 4 16 inf; do
       timeout 150 python3 -m pagedllm.cli bench serve --base-url http://127.0.0.1:8011 --model qwen3-0.6b --tokenizer $QWEN_TOK \
         --num-prompts 200 --random-input-len 1024 --random-output-len 128 --request-rate $rate --disable-tqdm \
-        --goodput ttft:500 tpot:50 --save-result --result-filename "$OUT/serve_rate_$rate.json" 2>&1 \
+        --goodput ttft:500 tpot:50 --save-result --result-filename "/tmp/serve_rate_$rate.json" 2>&1 \
         | tee -a "$OUT/serve.log" | tail -16
     done
     curl -s localhost:8011/metrics | grep -E "^pagedllm:(num_preemptions|prompt_tokens|generation_tokens)_total" | head
