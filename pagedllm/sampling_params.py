@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +115,7 @@ class SamplingParams:
 @dataclass
 class BeamSearchParams:
     beam_width: int
-    max_tokens: int
+    max_tokens: int | None  # None: up to max_model_len
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
@@ -122,5 +123,17 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        # Beams are ranked by the model's raw log-probabilities: a temperature would change nothing, so it is
+        # refused rather than silently ignored.
+        if self.temperature != 0:
+            raise ValueError(f"temperature must be 0 for beam search (beams are ranked by the model's raw "
+                             f"log-probabilities), got {self.temperature!r}.")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+
+    @property
+    def n(self) -> int:
+        """The number of sequences a request returns (one per beam), as SamplingParams.n."""
+        return self.beam_width

@@ -81,3 +81,44 @@ def test_beams_share_blocks_instead_of_copying(tiny_llama):
     # A step copies at most the partially filled last block of each beam, never whole caches.
     assert max(copies_per_step) <= 4 and sum(copies_per_step) > 0
     assert all_blocks_free(llm)
+
+
+def test_use_beam_search_over_http(eos_model):
+    """The completions API's use_beam_search (vLLM's field): n beams come back as n choices, equal to HF's."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from tests.server_fixtures import ServerThread, need_stories
+    need_stories()
+    tokenizer = AutoTokenizer.from_pretrained(eos_model)
+    server = ServerThread(str(eos_model), dtype="float32", block_size=8)
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        prompts = random_prompts(2, min_len=4, max_len=20, seed=60)
+        for prompt, width, penalty in ((prompts[0], 3, 1.0), (prompts[1], 2, 0.5)):
+            response = client.completions.create(model=model, prompt=prompt, n=width,
+                                                 max_tokens=10, extra_body={"use_beam_search": True,
+                                                                            "length_penalty": penalty})
+            expected = [tokenizer.decode(t, skip_special_tokens=True)
+                        for t in _hf_beams(eos_model, prompt, width, 10, penalty)]
+            texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+            assert [c.index for c in sorted(response.choices, key=lambda c: c.index)] == list(range(width))
+            assert texts[0] == expected[0] and sorted(texts) == sorted(expected)
+            assert response.usage.prompt_tokens == len(prompt)
+            streamed = {}
+            for chunk in client.completions.create(model=model, prompt=prompt, n=width, max_tokens=10, stream=True,
+                                                   extra_body={"use_beam_search": True, "length_penalty": penalty}):
+                for choice in chunk.choices:
+                    streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+            assert [streamed[i] for i in range(width)] == texts
+        for extra, param in (({"temperature": 0.8}, "temperature"), ({"logprobs": 2}, "logprobs"),
+                             ({"stop": ["x"]}, "stop"), ({"length_penalty": "long"}, "length_penalty")):
+            body = {"use_beam_search": True, "length_penalty": extra.pop("length_penalty", 1.0)}
+            with pytest.raises(openai.BadRequestError) as error:
+                client.completions.create(model=model, prompt=prompts[0], n=2, max_tokens=5,
+                                          extra_body=body, **extra)
+            assert error.value.body["param"] == param
+        assert server.wait_idle()
+    finally:
+        server.stop()

@@ -65,6 +65,26 @@ def test_metrics_parse_and_counters_move(server):
     assert _get(after, "pagedllm:kv_cache_usage_perc{}") == 0
 
 
+def test_prefix_cache_counters(server):
+    """Prompt tokens looked up and found in the prefix cache, counted as vLLM does (prefix_cache_queries/hits)."""
+    prompt = [1] + [300 + i for i in range(39)]  # 40 tokens: two full blocks of 16, then 8 more
+    before = _metrics(server)
+    for _ in range(2):
+        body = {"model": "stories", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+    after = _metrics(server)
+
+    def delta(key: str) -> float:
+        return _get(after, key) - _get(before, key)
+
+    assert delta("pagedllm:prefix_cache_queries_total{}") == 80
+    # The first request finds nothing; the second finds the two full blocks of the first.
+    assert delta("pagedllm:prefix_cache_hits_total{}") == 32
+    stats = server.llm_engine.get_stats()
+    assert stats.prefix_cache_hit_rate == stats.prefix_cache_hits / stats.prefix_cache_queries
+    assert _get(after, "pagedllm:prefix_cache_hit_rate{}") == pytest.approx(stats.prefix_cache_hit_rate)
+
+
 def _wait_for_abort(server: ServerThread, before: dict[str, float]) -> dict[str, float]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 from pagedllm.engine.metrics import EngineMetrics, FinishedRequest
 from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class EngineDeadError(RuntimeError):
 class _Add:
     stream: "RequestStream"
     prompt: Any
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     arrival_time: float
     done: concurrent.futures.Future
 
@@ -140,9 +140,11 @@ class AsyncEngine:
         return self._dead
 
     # -- requests --------------------------------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                          params: SamplingParams | BeamSearchParams,
                           arrival_time: float | None = None) -> RequestStream:
-        """Validate and queue a request; raises ValueError (bad input) or EngineDeadError before returning."""
+        """Validate and queue a request (BeamSearchParams: a beam search, whose one output comes when it ends);
+        raises ValueError (bad input) or EngineDeadError before returning."""
         stream = RequestStream(self, request_id, params.n)
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._send(_Add(stream, prompt, params, time.time() if arrival_time is None else arrival_time, done))
@@ -236,7 +238,9 @@ class AsyncEngine:
             command.done.set_exception(ValueError(f"request id {stream.request_id!r} is already in use."))
             return
         try:
-            self.engine.add_request(stream.request_id, command.prompt, command.params, command.arrival_time)
+            add = (self.engine.add_beam_search_request if isinstance(command.params, BeamSearchParams)
+                   else self.engine.add_request)
+            add(stream.request_id, command.prompt, command.params, command.arrival_time)
         except Exception as error:  # noqa: BLE001 - bad input goes back to its caller, the engine lives on
             command.done.set_exception(error)
             return

@@ -33,6 +33,8 @@ class EngineStats:
     num_generation_tokens: int
     num_blocks: int
     prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / prompt tokens looked up
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found there
     num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model (cache hits excluded)
     kv_fragmentation: float = 0.0  # mean over steps: allocated slots of running sequences holding no token
     kv_sharing_savings: float = 0.0  # mean over steps: 1 - physical blocks / blocks in sequences' tables
@@ -350,6 +352,7 @@ class LLMEngine:
             kv_cache_usage=self.kv_cache.usage, num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             num_blocks=self.kv_cache.num_blocks, prefix_cache_hit_rate=self.kv_cache.hit_rate,
+            prefix_cache_queries=self.kv_cache.num_queried_tokens, prefix_cache_hits=self.kv_cache.num_hit_tokens,
             num_computed_prompt_tokens=computed, kv_fragmentation=fragmentation / steps,
             kv_sharing_savings=savings / steps, kv_waste_if_contiguous=contiguous / steps,
             num_swaps=self.scheduler.num_swaps)

@@ -49,6 +49,10 @@ class EngineMetrics:
                               registry=r)
         self._kv_usage = Gauge("pagedllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", labels,
                                registry=r)
+        self._prefix_queries = Counter("pagedllm:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                       "cache.", labels, registry=r)
+        self._prefix_hits = Counter("pagedllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
+                                    registry=r)
         self._prefix_hit = Gauge("pagedllm:prefix_cache_hit_rate", "Prefix-cache hit rate (0..1).", labels,
                                  registry=r)
         self._ttft = Histogram("pagedllm:time_to_first_token_seconds", "Time to first token.", labels,
@@ -63,32 +67,33 @@ class EngineMetrics:
                                      buckets=_TOKEN_BUCKETS, registry=r)
         self._model_name = model_name
         # Create every series now, so a fresh server already exports zeros (dashboards, rate()).
-        for metric in (self._prompt_tokens, self._generation_tokens, self._preemptions, self._running,
+        for metric in (self._prompt_tokens, self._generation_tokens, self._preemptions, self._prefix_queries,
+                       self._prefix_hits, self._running,
                        self._waiting, self._kv_usage, self._prefix_hit, self._ttft, self._tpot, self._e2e,
                        self._prompt_len, self._output_len):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
             self._requests.labels(model_name, reason)
-        self._last = (0, 0, 0)  # cumulative prompt tokens, generation tokens, preemptions already counted
+        self._counted: dict[str, int] = {}  # cumulative engine counts already added to each counter
         self._last_log = time.monotonic()
         self._last_log_tokens = (0, 0)
 
     def record_stats(self, stats) -> None:
         """Take an EngineStats (cumulative counts, current gauges) after a step."""
         m = self._model_name
-        prompt, generation, preempt = stats.num_prompt_tokens, stats.num_generation_tokens, stats.num_preemptions
-        last_prompt, last_generation, last_preempt = self._last
-        if prompt > last_prompt:
-            self._prompt_tokens.labels(m).inc(prompt - last_prompt)
-        if generation > last_generation:
-            self._generation_tokens.labels(m).inc(generation - last_generation)
-        if preempt > last_preempt:
-            self._preemptions.labels(m).inc(preempt - last_preempt)
-        self._last = (prompt, generation, preempt)
+        for name, counter in (("num_prompt_tokens", self._prompt_tokens),
+                              ("num_generation_tokens", self._generation_tokens),
+                              ("num_preemptions", self._preemptions),
+                              ("prefix_cache_queries", self._prefix_queries),
+                              ("prefix_cache_hits", self._prefix_hits)):
+            total, already = getattr(stats, name), self._counted.get(name, 0)
+            if total > already:
+                counter.labels(m).inc(total - already)
+                self._counted[name] = total
         self._running.labels(m).set(stats.num_running)
         self._waiting.labels(m).set(stats.num_waiting)
         self._kv_usage.labels(m).set(stats.kv_cache_usage)
-        self._prefix_hit.labels(m).set(getattr(stats, "prefix_cache_hit_rate", 0.0))
+        self._prefix_hit.labels(m).set(stats.prefix_cache_hit_rate)
         self._maybe_log(stats)
 
     def record_finished(self, request: FinishedRequest) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from pagedllm.server.errors import bad_request, engine_value_error
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 
@@ -28,6 +28,28 @@ def completion_sampling_params(request: CompletionRequest) -> SamplingParams:
                           param="echo", code="unsupported")
     return _build(request, request.max_tokens, request.logprobs, {"max_tokens": "max_tokens",
                                                                    "logprobs": "logprobs"})
+
+
+def beam_search_params(request: CompletionRequest, params: SamplingParams) -> BeamSearchParams:
+    """use_beam_search: n beams (each returned as a choice) ranked by cumulative log-probability over length **
+    length_penalty. Sampling fields that beam search would not honour are refused, not ignored. A streamed beam
+    search sends its beams when the search ends (before that, no beam is final)."""
+    unsupported = {"temperature": request.temperature not in (None, 0), "top_p": params.top_p != 1.0,
+                   "top_k": params.top_k > 0, "min_p": params.min_p != 0.0,
+                   "repetition_penalty": params.repetition_penalty != 1.0,
+                   "presence_penalty": params.presence_penalty != 0.0,
+                   "frequency_penalty": params.frequency_penalty != 0.0, "stop": bool(params.stop),
+                   "stop_token_ids": bool(params.stop_token_ids), "min_tokens": params.min_tokens > 0,
+                   "logprobs": params.logprobs is not None, "structured_outputs": params.structured_outputs is not None}
+    for name, is_set in unsupported.items():
+        if is_set:
+            raise bad_request(f"{name} cannot be used with use_beam_search (beam search is deterministic and "
+                              "ranks beams by their log-probabilities).", param=name, code="unsupported")
+    try:
+        return BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                                length_penalty=request.length_penalty)
+    except ValueError as error:
+        raise bad_request(str(error), param="length_penalty") from error
 
 
 def chat_sampling_params(request: ChatCompletionRequest) -> SamplingParams:

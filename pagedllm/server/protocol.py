@@ -75,6 +75,9 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's beam search: n beams, each returned as a choice
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class TextContentPart(_Request):

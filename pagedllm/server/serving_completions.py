@@ -12,7 +12,7 @@ from pagedllm.engine.async_engine import EngineDeadError, RequestStream
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.context import ServerContext
 from pagedllm.server.errors import APIError, bad_request, engine_value_error
-from pagedllm.server.params import completion_sampling_params
+from pagedllm.server.params import beam_search_params, completion_sampling_params
 from pagedllm.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from pagedllm.server.streams import (SSE_DONE, abort_all, abort_on_disconnect, completion_logprobs, merge, sse)
 
@@ -24,12 +24,13 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     ctx.check_alive()
     ctx.check_model(request.model)
     params = completion_sampling_params(request)
+    engine_params = beam_search_params(request, params) if request.use_beam_search else params
     prompts = await _prompt_inputs(ctx, request, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
-            streams.append(await ctx.engine.add_request(f"{request_id}-{i}", prompt, params, arrival_time))
+            streams.append(await ctx.engine.add_request(f"{request_id}-{i}", prompt, engine_params, arrival_time))
     except ValueError as error:
         abort_all(streams)
         raise engine_value_error(error, _PARAM_NAMES, "prompt") from error
