@@ -110,6 +110,27 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_llama):
     assert [c.index for c in first.outputs] == [0, 1, 2, 3]
 
 
+def test_parallel_sampled_sequences_keep_their_own_cache(tiny_llama):
+    """n=4 sampled sequences diverge inside the shared partial block: each sequence's log-probabilities must be
+    HF's on its own tokens, which holds only if every sequence attends to its own K/V after copy-on-write."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    llm = LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True, block_size=8, enable_prefix_caching=False)
+    prompt = random_prompts(1, min_len=13, max_len=13, seed=25)[0]  # 1 full block + 5 tokens shared
+    output = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=4, temperature=1.5, seed=3, max_tokens=10,
+                                                                       logprobs=0, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert len({tuple(c.token_ids) for c in output.outputs}) == 4
+    for completion in output.outputs:
+        with torch.no_grad():
+            rows = hf(torch.tensor([prompt + completion.token_ids])).logits[0].log_softmax(-1)
+        for i, token in enumerate(completion.token_ids):
+            assert completion.logprobs[i][token].logprob == pytest.approx(rows[len(prompt) - 1 + i, token].item(),
+                                                                          abs=1e-4)
+    assert all_blocks_free(llm)
+
+
 def test_parallel_sampling_greedy_copies_on_write(tiny_llama):
     """n greedy sequences must all equal the single greedy answer: the copy-on-write of the shared partial block
     keeps each sequence's writes its own."""
@@ -145,6 +166,35 @@ def test_preemption_modes_keep_outputs(tiny_llama, mode):
     assert (stats.num_swaps > 0) == (mode == "swap")
     assert all_blocks_free(llm)
     assert not llm.llm_engine.kv_cache.host_tables
+
+
+def test_block_keys_chain_their_parents(tiny_llama):
+    """A block is found only under the same prefix: the same 8 tokens after another first block (or first in
+    the prompt) are different K/V, so they must miss."""
+    first, second = random_prompts(2, min_len=8, max_len=8, seed=22)
+    assert block_key(None, tuple(second)) != block_key(block_key(None, tuple(first)), tuple(second))
+    tail = random_prompts(1, min_len=12, max_len=12, seed=23)[0]
+    llm = LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True, block_size=8)
+    _run(llm, [first + second + tail])
+    got, (output,) = _run(llm, [second + tail])  # its first block equals the cached prompt's second block
+    assert output.num_cached_tokens == 0
+    assert got == hf_greedy(tiny_llama, [second + tail], 20)
+    again, (output,) = _run(llm, [first + second + tail[:4]])
+    assert output.num_cached_tokens == 16 and again == hf_greedy(tiny_llama, [first + second + tail[:4]], 20)
+
+
+def test_waste_accounting_is_exact(tiny_llama):
+    """One sequence, a 10-token prompt, blocks of 16, 4 output tokens: after each of its 4 steps the cache holds
+    10, 11, 12, 13 tokens in one 16-slot block (the last sampled token is never computed)."""
+    llm = LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True, block_size=16, max_model_len=200,
+              enable_prefix_caching=False)
+    _run(llm, random_prompts(1, min_len=10, max_len=10, seed=24), SamplingParams(max_tokens=4, ignore_eos=True))
+    stats = llm.llm_engine.get_stats()
+    held = [10, 11, 12, 13]
+    assert stats.kv_fragmentation == pytest.approx(sum(1 - h / 16 for h in held) / 4)
+    assert stats.kv_waste_if_contiguous == pytest.approx(sum(1 - h / 200 for h in held) / 4)
+    assert stats.kv_sharing_savings == 0
+    assert stats.num_computed_prompt_tokens == 10
 
 
 def test_waste_accounting(tiny_llama):

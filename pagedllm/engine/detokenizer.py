@@ -1,36 +1,45 @@
 """Incremental detokenization of one sequence and stop-string detection across token boundaries."""
 from __future__ import annotations
 
-_PROMPT_CONTEXT = 8  # prompt tokens given to the stream so the first output token decodes in context
+_PROMPT_CONTEXT = 6  # prompt tokens decoded with the first output token, so that it decodes in context
+_MAX_UTF8_WAIT = 4  # a character is at most 4 bytes: wait no longer than that for an incomplete one
 
 
 class IncrementalDetokenizer:
+    """Text grows only at its end: each new token's text is the decode of a short window (a few tokens already
+    shown, then the new ones) minus the decode of the part already shown, so that spaces and merges that depend on
+    the tokens before come out right. Text that ends in an incomplete UTF-8 character waits for the next tokens
+    (byte-fallback pieces); bytes that never form a character come out as U+FFFD, as a full decode gives them."""
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool,
                  stop: list[str], include_stop_str_in_output: bool) -> None:
-        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
+        self._decode = backend.decode if backend is not None else tokenizer.decode  # Rust: ~1 us for a window
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output
         self.text = ""
-        self._output_ids: list[int] = []
-        self._stream = None
-        backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            from tokenizers.decoders import DecodeStream
-            self._backend = backend
-            self._stream = DecodeStream(ids=list(prompt_token_ids[-_PROMPT_CONTEXT:]),
-                                        skip_special_tokens=skip_special_tokens)
+        self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self._prefix_offset = 0  # the window: ids[prefix_offset:read_offset] are shown, the rest are not yet
+        self._read_offset = len(self._ids)
         # Text that may still turn out to start a stop string is held back from the visible output.
         self._hold_back = max((len(s) for s in stop), default=1) - 1 if not include_stop_str_in_output else 0
 
     def append(self, token_id: int) -> str | None:
         """Add one token; return the stop string it completed, if any (self.text is then cut at it)."""
         old_len = len(self.text)
-        if self._stream is not None:
-            self.text += self._stream.step(self._backend, token_id) or ""
-        else:
-            self._output_ids.append(token_id)
-            self.text = self.tokenizer.decode(self._output_ids, skip_special_tokens=self.skip_special_tokens)
+        ids = self._ids
+        ids.append(token_id)
+        shown = self._decode(ids[self._prefix_offset:self._read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = self._decode(ids[self._prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        waiting = full.endswith("\ufffd") and len(ids) - self._read_offset < _MAX_UTF8_WAIT
+        if len(full) > len(shown) and not waiting:
+            self.text += full[len(shown):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+            if self._prefix_offset > 64:  # keep the list short; only the window is ever decoded
+                del ids[:self._prefix_offset]
+                self._read_offset -= self._prefix_offset
+                self._prefix_offset = 0
         return self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> str | None:

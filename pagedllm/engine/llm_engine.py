@@ -358,13 +358,15 @@ class LLMEngine:
             num_swaps=self.scheduler.num_swaps)
 
     def _account(self, sched) -> None:
+        """Called after a step's tokens are in the cache: KV waste over the running sequences, and the prompt
+        tokens this step computed (prefix-cache hits excluded)."""
         used, allocated, physical = self.kv_cache.waste(self.scheduler.running)
         if allocated:
             self._waste[0] += 1 - used / allocated
             self._waste[1] += 1 - physical / allocated
             self._waste[2] += 1
             self._waste[4] += 1 - used / (len(self.scheduler.running) * self.max_model_len)
-        self._waste[3] += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+        self._waste[3] += sum(min(n, max(0, r.num_prompt_tokens - (r.num_computed_tokens - n)))
                               for r, n in zip(sched.requests, sched.num_new_tokens))
 
     # -- one step --------------------------------------------------------------------------------------------------
@@ -381,9 +383,9 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(group.prompt_token_ids)
         bitmask_fn = self._apply_grammar if self.structured is not None else None
-        self._account(sched)
         output = self.runner.execute(sched, self.kv_cache.block_tables, bitmask_fn)
         self.scheduler.update_after_step(sched)
+        self._account(sched)
         return failed + self._process(output)
 
     def _apply_grammar(self, logits, requests: list[Request]) -> None:
