@@ -11,11 +11,19 @@ from tests.conftest import all_blocks_free
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("top_k", -2), ("n", 0),
     ("max_tokens", 0), ("min_tokens", -1), ("min_p", 1.5), ("presence_penalty", 3.0),
     ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("logprobs", -1), ("stop", [""]),
-    ("stop_token_ids", [-3]),
+    ("stop_token_ids", [-3]), ("seed", 2**64), ("seed", -2**63 - 1), ("seed", 1.5),
 ])
 def test_invalid_sampling_params_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):  # the message starts with the field's name
         SamplingParams(**{field: value})
+
+
+def test_invalid_beam_search_params_name_the_field():
+    from pagedllm import BeamSearchParams
+    for kwargs, field in (({"beam_width": 0}, "beam_width"), ({"max_tokens": 0}, "max_tokens"),
+                          ({"temperature": 0.7}, "temperature"), ({"length_penalty": float("nan")}, "length_penalty")):
+        with pytest.raises(ValueError, match=rf"^{field}\b"):
+            BeamSearchParams(**{"beam_width": 2, "max_tokens": 4, **kwargs})
 
 
 def test_min_tokens_above_max_tokens():
@@ -70,6 +78,14 @@ def test_bad_requests_are_rejected_and_the_engine_still_works(llm):
         llm.generate("text without a tokenizer", params, use_tqdm=False)
     with pytest.raises(ValueError, match="sampling params"):
         llm.generate([good, good], [params], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^n must be at most max_num_seqs \(256\), got 1000000"):
+        llm.generate(good, SamplingParams(n=10**6, max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^logprobs must be at most the vocabulary size \(512\)"):
+        llm.generate(good, SamplingParams(logprobs=513, max_tokens=2), use_tqdm=False)
+    # Extreme but valid values run: top_k beyond the vocabulary keeps every token; seeds use all 64 bits.
+    for extreme in (SamplingParams(top_k=10**20, max_tokens=2), SamplingParams(seed=2**64 - 1, n=2, max_tokens=2),
+                    SamplingParams(seed=-2**63, max_tokens=2), SamplingParams(logprobs=512, max_tokens=2)):
+        assert len(llm.generate(good, extreme, use_tqdm=False)[0].outputs[0].token_ids) == 2
     # A bad prompt in the middle of a batch: nothing of the batch is left behind.
     with pytest.raises(ValueError):
         llm.generate([good, {"prompt_token_ids": [5] * 70}, good], params, use_tqdm=False)

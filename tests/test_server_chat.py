@@ -114,3 +114,21 @@ def test_message_forms(tiny_server):
         {"role": "assistant", "content": "Hello"}, {"role": "tool", "content": "42", "tool_call_id": "t1"},
         {"role": "user", "content": "Again"}])
     assert developer.usage.completion_tokens == 5
+
+
+def test_random_sampling_on_a_random_model_and_broken_unicode(tiny_server):
+    """A random model's sampled bytes form invalid UTF-8: that is text with U+FFFD, never a dead engine; a message
+    with a lone surrogate is a 400 naming the messages; the server serves on."""
+    import json
+
+    import httpx
+    client = tiny_server.client()
+    for seed in range(3):
+        response = _chat(client, "tiny", temperature=1.0, seed=seed, max_tokens=60, extra_body={"ignore_eos": True})
+        assert response.usage.completion_tokens == 60 and response.choices[0].message.content
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi \ud800"}]})
+    error = httpx.post(tiny_server.base_url + "/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=30)
+    assert error.status_code == 400 and error.json()["error"]["param"] == "messages"
+    assert "not valid Unicode" in error.json()["error"]["message"]
+    assert _chat(client, "tiny").choices[0].finish_reason == "length"

@@ -1,6 +1,8 @@
 """Every error the server gives, with its status and OpenAI's error schema, and a normal answer after each one."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -72,6 +74,10 @@ COMPLETION_ERRORS = [
     ({"prompt": "hi", "response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
     ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format.json_schema", "schema"),
     ({"prompt": "hi", "stream_options": {"include_usage": "lots"}}, "stream_options.include_usage", "boolean"),
+    ({"prompt": "hi", "seed": 2**64}, "seed", "2**64"),
+    ({"prompt": "hi", "n": 10**30}, "n", "max_num_seqs"),
+    ({"prompt": "hi\ud800"}, "prompt", "not valid Unicode"),
+    ({"prompt": ["ok", "\udfff"]}, "prompt[1]", "not valid Unicode"),
 ]
 
 CHAT_ERRORS = [
@@ -93,8 +99,9 @@ CHAT_ERRORS = [
 
 @pytest.mark.parametrize("body, param, contains", COMPLETION_ERRORS)
 def test_completion_errors_are_400(server, body, param, contains):
-    _assert_error(httpx.post(server.base_url + "/v1/completions", headers=AUTH, json={"model": "stories", **body},
-                             timeout=30), 400, param, contains)
+    # json.dumps escapes lone surrogates ("\\ud800"), as JSON allows; httpx's json= would refuse them.
+    _assert_error(httpx.post(server.base_url + "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+                             content=json.dumps({"model": "stories", **body}), timeout=30), 400, param, contains)
     _still_serving(server)
 
 
@@ -111,6 +118,15 @@ def test_malformed_bodies_are_400(server, raw):
         response = httpx.post(server.base_url + path, headers={**AUTH, "Content-Type": "application/json"},
                               content=raw, timeout=30)
         _assert_error(response, 400)
+    _still_serving(server)
+
+
+def test_extreme_valid_values_are_served(server):
+    """top_k beyond the vocabulary keeps every token (as -1); a seed may use all 64 bits, also with n > 1."""
+    for extra in ({"top_k": 10**20}, {"seed": 2**64 - 1, "n": 2}, {"seed": -2**63}):
+        body = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 4, **extra}
+        response = httpx.post(server.base_url + "/v1/completions", headers=AUTH, json=body, timeout=30)
+        assert response.status_code == 200, response.text
     _still_serving(server)
 
 

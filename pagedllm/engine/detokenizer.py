@@ -58,3 +58,11 @@ class IncrementalDetokenizer:
         if finished or self._hold_back == 0:
             return self.text
         return self.text[:max(0, len(self.text) - self._hold_back)]
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Tokenizers take only valid Unicode: a lone surrogate (JSON allows "\\ud800") is refused here, clearly."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not valid Unicode text: {error.reason} at character {error.start}.") from None

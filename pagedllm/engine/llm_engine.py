@@ -15,7 +15,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamState
-from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, check_unicode
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner, RunnerOutput
@@ -140,6 +140,11 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use.")
+        if params.n > self.config.args.max_num_seqs:
+            raise ValueError(f"n must be at most max_num_seqs ({self.config.args.max_num_seqs}), got {params.n}.")
+        vocab_size = self.config.model.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab_size:
+            raise ValueError(f"logprobs must be at most the vocabulary size ({vocab_size}), got {params.logprobs}.")
         prompt_text, prompt_ids, max_tokens = self._check_prompt(prompt, params.max_tokens)
         if params.structured_outputs is not None:
             self._structured().validate(params.structured_outputs)
@@ -150,7 +155,7 @@ class LLMEngine:
             if params.n > 1:
                 child_params = params.clone()
                 if params.seed is not None:
-                    child_params.seed = params.seed + index
+                    child_params.seed = (params.seed + index) % 2**64  # a torch seed is 64 bits
             seq_id = request_id if params.n == 1 else f"{index}_{request_id}"
             request = Request(seq_id, prompt_ids, child_params, now, next(self._arrivals), max_tokens,
                               frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -291,6 +296,7 @@ class LLMEngine:
                 raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True): give token ids.")
             if not prompt:
                 raise ValueError("the prompt is empty.")
+            check_unicode(prompt, "prompt")
             return prompt, self.tokenizer(prompt).input_ids
         if isinstance(prompt, (list, tuple)):
             return None, self._check_ids(prompt)

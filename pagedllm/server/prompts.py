@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from pagedllm.engine.detokenizer import check_unicode
 from pagedllm.server.errors import bad_request
 from pagedllm.server.protocol import ChatMessage, ChatCompletionRequest
 
@@ -36,6 +37,7 @@ class PromptProcessor:
         self._need_tokenizer(param)
         if not text:
             raise bad_request("the prompt is empty.", param=param)
+        _check_unicode(text, param)
         return await self._run(lambda: list(self.tokenizer(text).input_ids))
 
     async def decode(self, token_ids: list[int]) -> str:
@@ -71,6 +73,7 @@ class PromptProcessor:
                     continue_final_message=request.continue_final_message, **kwargs)
             except Exception as error:  # noqa: BLE001 - jinja raises whatever the template raises
                 raise bad_request(f"could not apply the chat template: {error}", param="messages") from error
+            _check_unicode(text, "messages")
             return text, list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
         return await self._run(render)
@@ -92,6 +95,13 @@ class PromptProcessor:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+
+
+def _check_unicode(text: str, param: str) -> None:
+    try:
+        check_unicode(text, param)
+    except ValueError as error:
+        raise bad_request(str(error), param=param) from None
 
 
 def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:

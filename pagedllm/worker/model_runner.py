@@ -241,7 +241,9 @@ class ModelRunner:
             greedy=torch.tensor(greedy, dtype=torch.bool, device=dev), all_greedy=all(greedy), any_greedy=any(greedy))
         if not meta.all_greedy:
             if any(p.top_k > 0 for p in params):
-                meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
+                # top_k beyond the vocabulary keeps every token, as -1 does
+                meta.top_k = torch.tensor([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
+                                           for p in params], device=dev)
             if any(p.top_p < 1.0 for p in params):
                 meta.top_p = torch.tensor([p.top_p for p in params], device=dev)
             if any(p.min_p > 0.0 for p in params):
