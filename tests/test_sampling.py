@@ -68,6 +68,39 @@ def test_penalties_match_formula():
             assert got[row, t].item() == pytest.approx(x, abs=1e-6)
 
 
+def test_penalties_apply_in_generation(llm, tiny_llama):
+    """Greedy decoding with repetition, presence and frequency penalties equals a step-by-step loop over HF
+    transformers' logits with the same formula, in a batch whose other rows carry other penalties (or none)."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prompts = random_prompts(3, min_len=3, max_len=12, seed=12)
+    settings = [(1.6, 0.0, 0.0), (1.0, 1.5, 0.7), (1.3, -0.5, 1.2)]  # (repetition, presence, frequency)
+    params = [SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, repetition_penalty=r,
+                             presence_penalty=p, frequency_penalty=f) for r, p, f in settings]
+    got = _ids(llm, prompts, params)
+    for prompt, (rep, pres, freq), ours in zip(prompts, settings, got):
+        output: list[int] = []
+        for _ in range(25):
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + output])).logits[0, -1]
+            seen = torch.tensor(sorted(set(prompt + output)))
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / rep, logits[seen] * rep)
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits.numel()).float()
+            logits -= freq * counts + pres * (counts > 0).float()
+            output.append(int(logits.argmax()))
+        assert ours == output
+    plain = _ids(llm, prompts, SamplingParams(temperature=0, max_tokens=25, ignore_eos=True))
+    assert all(a != b for a, b in zip(got, plain))  # each setting changed what greedy decoding gives
+
+
+def test_min_p_applies_in_generation(llm):
+    """min_p=1 keeps only the most likely token: sampling at any temperature then equals greedy decoding."""
+    prompts = random_prompts(4, seed=13)
+    greedy = _ids(llm, prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert _ids(llm, prompts, SamplingParams(temperature=2.0, min_p=1.0, max_tokens=20, ignore_eos=True)) == greedy
+    assert _ids(llm, prompts, SamplingParams(temperature=2.0, seed=5, max_tokens=20, ignore_eos=True)) != greedy
+
+
 def test_min_p_matches_formula():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     probs = logits.softmax(-1)[0]
