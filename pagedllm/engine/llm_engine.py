@@ -43,6 +43,16 @@ class EngineStats:
 
 
 @dataclass
+class _KVSums:
+    """Sums over steps of the KV-cache figures that EngineStats reports as means."""
+    fragmentation: float = 0.0
+    sharing_savings: float = 0.0
+    contiguous_waste: float = 0.0
+    steps: int = 0
+    computed_prompt_tokens: int = 0
+
+
+@dataclass
 class _Sequence:
     """Engine-side state of one generated sequence (one Request in the scheduler)."""
     request: Request
@@ -114,8 +124,7 @@ class LLMEngine:
                                        num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens,
                                    args.preemption_mode)
-        self._waste = [0, 0, 0, 0, 0]  # sums over steps: fragmentation, sharing savings, steps, computed prompt
-        # tokens, waste of contiguous reservation
+        self._kv_sums = _KVSums()
         self.structured = None  # StructuredOutputManager, created on first use
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
@@ -351,28 +360,29 @@ class LLMEngine:
             time.sleep(0.001)
 
     def get_stats(self) -> EngineStats:
-        fragmentation, savings, steps, computed, contiguous = self._waste
-        steps = steps or 1
+        sums = self._kv_sums
+        steps = sums.steps or 1
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.kv_cache.usage, num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             num_blocks=self.kv_cache.num_blocks, prefix_cache_hit_rate=self.kv_cache.hit_rate,
             prefix_cache_queries=self.kv_cache.num_queried_tokens, prefix_cache_hits=self.kv_cache.num_hit_tokens,
-            num_computed_prompt_tokens=computed, kv_fragmentation=fragmentation / steps,
-            kv_sharing_savings=savings / steps, kv_waste_if_contiguous=contiguous / steps,
+            num_computed_prompt_tokens=sums.computed_prompt_tokens, kv_fragmentation=sums.fragmentation / steps,
+            kv_sharing_savings=sums.sharing_savings / steps, kv_waste_if_contiguous=sums.contiguous_waste / steps,
             num_swaps=self.scheduler.num_swaps)
 
     def _account(self, sched) -> None:
         """Called after a step's tokens are in the cache: KV waste over the running sequences, and the prompt
         tokens this step computed (prefix-cache hits excluded)."""
+        sums = self._kv_sums
         used, allocated, physical = self.kv_cache.waste(self.scheduler.running)
         if allocated:
-            self._waste[0] += 1 - used / allocated
-            self._waste[1] += 1 - physical / allocated
-            self._waste[2] += 1
-            self._waste[4] += 1 - used / (len(self.scheduler.running) * self.max_model_len)
-        self._waste[3] += sum(min(n, max(0, r.num_prompt_tokens - (r.num_computed_tokens - n)))
+            sums.fragmentation += 1 - used / allocated
+            sums.sharing_savings += 1 - physical / allocated
+            sums.contiguous_waste += 1 - used / (len(self.scheduler.running) * self.max_model_len)
+            sums.steps += 1
+        sums.computed_prompt_tokens += sum(min(n, max(0, r.num_prompt_tokens - (r.num_computed_tokens - n)))
                               for r, n in zip(sched.requests, sched.num_new_tokens))
 
     # -- one step --------------------------------------------------------------------------------------------------
