@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
-#   structured profile
+#   structured profile (host/GPU split of a decode step, and its kernels)
 # Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (server, xgrammar, gguf wheels)
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -49,7 +49,9 @@ stage() {
       | tail -14 ;;
   profile)
     python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 2>&1 | tail -1
-    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
+    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1
+    timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
+      --prompt-len 512 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;
   *) echo "unknown stage $1"; return 1 ;;
   esac
 }

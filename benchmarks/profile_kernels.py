@@ -1,0 +1,47 @@
+"""Which kernels a decode step spends its GPU time in (torch.profiler, eager mode so every kernel is its own launch).
+
+    python benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --prompt-len 512
+Prints the top kernels by total device time over --steps decode steps, and the step's wall time.
+"""
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pagedllm import LLM, SamplingParams
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True)
+parser.add_argument("--load-format", default="dummy")
+parser.add_argument("--batch", type=int, default=256)
+parser.add_argument("--prompt-len", type=int, default=512)
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--top", type=int, default=20)
+parser.add_argument("--max-model-len", type=int, default=4096)
+args = parser.parse_args()
+
+llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
+          enforce_eager=True)
+engine = llm.llm_engine
+vocab = engine.config.model.vocab_size
+for i in range(args.batch):
+    engine.add_request(str(i), [(i * 31 + j) % (vocab - 3) + 3 for j in range(args.prompt_len)],
+                       SamplingParams(temperature=0.6, max_tokens=args.max_model_len - args.prompt_len, ignore_eos=True))
+while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+    engine.step()
+for _ in range(3):
+    engine.step()
+cuda = engine.config.device.type == "cuda"
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+start = time.perf_counter()
+for _ in range(args.steps):  # unprofiled, for the wall time
+    engine.step()
+wall = (time.perf_counter() - start) / args.steps
+with profile(activities=activities) as prof:
+    for _ in range(args.steps):
+        engine.step()
+sort = "cuda_time_total" if cuda else "cpu_time_total"
+print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+print(f"decode step at batch {args.batch}, context {args.prompt_len}+: {1e3 * wall:.2f} ms wall per step "
+      f"(eager, unprofiled)")
