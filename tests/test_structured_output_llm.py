@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -149,12 +151,18 @@ def _parses(text: str) -> bool:
         return False
 
 
-def test_json_object(tiny_llama):
-    """json_object on a tiny Llama with the 512-token stories260K tokenizer: free-form strings end soon enough in a
-    small vocabulary (in Qwen3's 151k, a random walk inside a string rarely finds its closing quote)."""
+@pytest.fixture(scope="module")
+def small_llm(tiny_llama):
+    """A tiny Llama with the 512-token stories260K tokenizer: grammars compile in milliseconds."""
     if not (tiny_llama / "tokenizer.json").exists():
         pytest.skip("../shared/models/stories260K (the tokenizer) is not here")
-    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=256, seed=0)
+    return LLM(str(tiny_llama), dtype="float32", max_model_len=256, seed=0)
+
+
+def test_json_object(small_llm):
+    """json_object on a tiny Llama with the 512-token stories260K tokenizer: free-form strings end soon enough in a
+    small vocabulary (in Qwen3's 151k, a random walk inside a string rarely finds its closing quote)."""
+    llm = small_llm
     outputs = []
     for temperature in (0.0, 1.0):
         outputs += llm.generate([f"Once upon a time {i}" for i in range(4)],
@@ -184,3 +192,110 @@ def test_invalid_constraint_rejected_and_engine_unharmed(llm, constraint):
                                                              structured_outputs=CONSTRAINTS["choice"]),
                              use_tqdm=False)
     _check("choice", output.outputs[0].text)
+
+
+def _wrap_compile(monkeypatch, before=None) -> list[str]:
+    """Count xgrammar's real compilations (the call StructuredOutputManager makes), optionally running before(grammar
+    text) first; returns the list of compiled grammars' texts, appended as they finish."""
+    xgr = pytest.importorskip("xgrammar")
+    original = xgr.GrammarCompiler.compile_grammar
+    compiled = []
+
+    def compile_grammar(self, grammar, *args, **kwargs):
+        text = str(grammar)
+        if before is not None:
+            before(text)
+        result = original(self, grammar, *args, **kwargs)
+        compiled.append(text)
+        return result
+
+    monkeypatch.setattr(xgr.GrammarCompiler, "compile_grammar", compile_grammar)
+    return compiled
+
+
+COUNTED = {"type": "object", "properties": {"counted": {"type": "integer", "minimum": 0, "maximum": 99},
+                                            "flag": {"type": "boolean"}}, "required": ["counted", "flag"]}
+COUNTED_REGEX = r"[a-c]{2}-\d{1,2}"
+
+
+def test_same_constraint_compiled_once(small_llm, monkeypatch):
+    """One distinct constraint, one compilation: shared by the requests of a batch (as a dict or as its JSON
+    text, greedy, sampled, n > 1) and cached for the next generate call."""
+    compiled = _wrap_compile(monkeypatch)
+
+    def run(seed: int):
+        params = [SamplingParams(temperature=0.0, max_tokens=150, structured_outputs=SOP(json=COUNTED)),
+                  SamplingParams(temperature=1.0, seed=seed, max_tokens=150,
+                                 structured_outputs=SOP(json=json.dumps(COUNTED, indent=2))),
+                  SamplingParams(n=2, temperature=1.0, seed=seed + 1, max_tokens=150,
+                                 structured_outputs=SOP(json=dict(COUNTED))),
+                  SamplingParams(temperature=1.0, seed=seed + 2, max_tokens=30,
+                                 structured_outputs=SOP(regex=COUNTED_REGEX)),
+                  SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=SOP(regex=COUNTED_REGEX)),
+                  SamplingParams(temperature=0.0, max_tokens=10)]
+        outputs = small_llm.generate([f"Count {i}:" for i in range(len(params))], params, use_tqdm=False)
+        for output in outputs[:3]:
+            for completion in output.outputs:
+                assert completion.finish_reason == "stop", completion.text
+                jsonschema.validate(json.loads(completion.text), COUNTED)
+        assert len(outputs[2].outputs) == 2
+        for output in outputs[3:5]:
+            assert output.outputs[0].finish_reason == "stop"
+            assert re.fullmatch(COUNTED_REGEX, output.outputs[0].text), output.outputs[0].text
+        assert all_blocks_free(small_llm) and small_llm.llm_engine.structured.num_requests() == 0
+
+    run(seed=1)
+    assert len(compiled) == 2, f"{len(compiled)} compilations"  # the schema once and the regex once, for 6 sequences
+    assert sum("counted" in text for text in compiled) == 1
+    run(seed=11)
+    assert len(compiled) == 2, f"{len(compiled)} compilations"  # the second call finds both compiled
+
+
+SLOW = {"type": "object", "properties": {"slow_marker": {"enum": ["x", "y"]},
+                                         "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["slow_marker", "n"]}
+
+
+def test_slow_compile_does_not_stall_other_requests(small_llm, monkeypatch):
+    """A constraint that takes 2 s to compile holds back only its own request: a free request added at the same
+    moment runs all its engine steps and finishes while that compilation is still going, and the constrained
+    request joins the batch (and completes validly) once its grammar is ready."""
+    compile_started, compile_finished = threading.Event(), threading.Event()
+
+    def before(text: str) -> None:
+        if "slow_marker" in text:
+            compile_started.set()
+            time.sleep(2.0)
+
+    compiled = _wrap_compile(monkeypatch, before)
+    engine = small_llm.llm_engine
+    engine.add_request("slow", "Slow:", SamplingParams(temperature=0.0, max_tokens=150,
+                                                       structured_outputs=SOP(json=SLOW)))
+    engine.add_request("free", "Free:", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    finished, steps, deadline = {}, 0, time.monotonic() + 60
+    free_seen_at = None
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish"
+        outputs = engine.step()
+        steps += 1
+        if any("slow_marker" in text for text in compiled):
+            compile_finished.set()
+        for output in outputs:
+            if output.finished:
+                finished[output.request_id] = output
+                if output.request_id == "free":
+                    stats = engine.get_stats()
+                    free_seen_at = (compile_finished.is_set(), stats.num_running + stats.num_waiting)
+        if not outputs:
+            engine.wait_for_work()
+    assert compile_started.is_set() and free_seen_at is not None
+    compiling_then, scheduled_then = free_seen_at
+    # the free request finished (16 tokens, 16+ engine steps) while the slow grammar was still compiling, and the
+    # constrained request had not been admitted to the scheduler yet
+    assert not compiling_then and scheduled_then == 0
+    assert len(finished["free"].outputs[0].token_ids) == 16
+    slow = finished["slow"].outputs[0]
+    assert slow.finish_reason == "stop", slow.text
+    jsonschema.validate(json.loads(slow.text), SLOW)
+    assert sum("slow_marker" in text for text in compiled) == 1
+    assert all_blocks_free(small_llm) and engine.structured.num_requests() == 0

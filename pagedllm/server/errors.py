@@ -66,10 +66,11 @@ def _is_type_tag(part: str) -> bool:
 def engine_value_error(error: ValueError, field_names: dict[str, str], prompt_param: str) -> APIError:
     """A ValueError from SamplingParams or add_request as a 400; `param` is the request field it names."""
     message = str(error)
-    first = re.match(r"[A-Za-z_][A-Za-z0-9_.]*", message)
+    # the field leads the message ("max_tokens must ...") or follows "invalid " ("invalid structured_outputs regex")
+    first = re.match(r"(?:invalid )?([A-Za-z_][A-Za-z0-9_.]*)", message)
     param = None
-    if first is not None and first.group(0).split(".")[0] in field_names:
-        param = field_names[first.group(0).split(".")[0]]
+    if first is not None and first.group(1).split(".")[0] in field_names:
+        param = field_names[first.group(1).split(".")[0]]
     elif "prompt" in message or "context length" in message:
         param = prompt_param
     return bad_request(message, param=param)

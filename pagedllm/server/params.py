@@ -80,7 +80,7 @@ def _refuse_unsupported(request: _SamplingRequest) -> None:
 def _build(request: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
            renamed: dict[str, str]) -> SamplingParams:
     fields = {name: name for name in SamplingParams.__dataclass_fields__}
-    fields.update(renamed)
+    fields.update(renamed, structured_outputs=structured_param(request))
     structured = structured_outputs(request)
     try:
         return SamplingParams(
@@ -144,6 +144,18 @@ def structured_outputs(request: _SamplingRequest) -> StructuredOutputsParams | N
         return StructuredOutputsParams(**found[0][1])
     except (ValueError, TypeError) as error:
         raise bad_request(str(error), param=sources[0]) from error
+
+
+def structured_param(request: _SamplingRequest) -> str:
+    """The request field that carries the output constraint, named by errors about it (e.g. an invalid regex)."""
+    if request.response_format is not None and request.response_format.type != "text":
+        return "response_format"
+    if request.structured_outputs is not None:
+        return "structured_outputs"
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(request, name) is not None:
+            return name
+    return "structured_outputs"
 
 
 def _describe(found: list[tuple[str, dict]]) -> str:

@@ -13,7 +13,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.context import ServerContext
 from pagedllm.server.errors import APIError, engine_value_error
-from pagedllm.server.params import chat_sampling_params
+from pagedllm.server.params import chat_sampling_params, structured_param
 from pagedllm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, DeltaMessage, Usage)
 from pagedllm.server.streams import SSE_DONE, abort_on_disconnect, chat_logprobs, sse
@@ -29,7 +29,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     ctx.prompts.check_length(len(token_ids), params.max_tokens, "messages", max_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     names = {name: name for name in SamplingParams.__dataclass_fields__}
-    names.update(max_tokens=max_param, logprobs="top_logprobs")
+    names.update(max_tokens=max_param, logprobs="top_logprobs", structured_outputs=structured_param(request))
     try:
         stream = await ctx.engine.add_request(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params,
                                               arrival_time)

@@ -12,7 +12,7 @@ from pagedllm.engine.async_engine import EngineDeadError, RequestStream
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.context import ServerContext
 from pagedllm.server.errors import APIError, bad_request, engine_value_error
-from pagedllm.server.params import beam_search_params, completion_sampling_params
+from pagedllm.server.params import beam_search_params, completion_sampling_params, structured_param
 from pagedllm.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from pagedllm.server.streams import (SSE_DONE, abort_all, abort_on_disconnect, completion_logprobs, merge, sse)
 
@@ -33,7 +33,8 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
             streams.append(await ctx.engine.add_request(f"{request_id}-{i}", prompt, engine_params, arrival_time))
     except ValueError as error:
         abort_all(streams)
-        raise engine_value_error(error, _PARAM_NAMES, "prompt") from error
+        names = dict(_PARAM_NAMES, structured_outputs=structured_param(request))
+        raise engine_value_error(error, names, "prompt") from error
     except BaseException:
         abort_all(streams)
         raise
