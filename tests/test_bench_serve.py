@@ -1,14 +1,21 @@
 """`pagedllm bench serve` against a real test server: the report, the JSON, and the metric arithmetic."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import random
+import statistics
+import time
+import types
 
 import pytest
 
+from pagedllm.bench import serving
 from pagedllm.bench.serving import (RequestResult, parse_goodput, percentile, random_requests, run_benchmark,
                                     summarize)
 from pagedllm.cli import main
+from tests.conftest import QWEN3_TOKENIZER
 from tests.server_fixtures import ServerThread, need_stories
 
 
@@ -92,3 +99,94 @@ def test_random_prompts_have_the_asked_lengths():
     exact = random_requests(tokenizer, 10, 50, 7, seed=1)
     assert all(abs(r.prompt_len - 50) <= 2 and r.output_len == 7 for r in exact)
     assert [r.prompt for r in exact] == [r.prompt for r in random_requests(tokenizer, 10, 50, 7, seed=1)]
+
+
+def _drawn_gaps(monkeypatch, count: int, rate: float, burstiness: float, seed: int = 0) -> list[float]:
+    """The inter-arrival gaps serving._arrivals waits, recorded on their way to asyncio.sleep (which then yields
+    without waiting, so that many thousands of arrivals take no time). Only the serving module's view of asyncio
+    is changed: the test server's threads keep the real one."""
+    gaps: list[float] = []
+
+    async def recording_sleep(delay, *args, **kwargs):
+        gaps.append(delay)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(serving, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": recording_sleep}))
+
+    async def consume() -> list[int]:
+        return [index async for index in serving._arrivals(count, rate, burstiness, random.Random(seed))]
+
+    assert asyncio.run(consume()) == list(range(count))
+    return gaps
+
+
+@pytest.mark.parametrize("rate", [4.0, 250.0])
+@pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])
+def test_arrival_gaps_are_gamma_with_the_asked_rate(monkeypatch, rate, burstiness):
+    """Gaps are gamma(shape=burstiness, mean=1/rate): mean 1/rate whatever the burstiness, coefficient of variation
+    1/sqrt(burstiness) (1 for Poisson arrivals; burstier below 1, more regular above)."""
+    gaps = _drawn_gaps(monkeypatch, 20001, rate, burstiness)
+    assert len(gaps) == 20000 and all(g > 0 for g in gaps)  # no wait after the last arrival
+    mean = statistics.fmean(gaps)
+    assert mean == pytest.approx(1 / rate, rel=0.04)
+    assert statistics.pstdev(gaps) / mean == pytest.approx(1 / math.sqrt(burstiness), rel=0.06)
+    if burstiness == 1.0:  # exponential: P(gap < mean) = 1 - 1/e
+        assert sum(g < 1 / rate for g in gaps) / len(gaps) == pytest.approx(1 - math.exp(-1), abs=0.01)
+
+
+def test_arrivals_really_wait_and_infinite_rate_sends_all_at_once():
+    """With the real asyncio.sleep: at a finite rate the arrivals are spread over about count/rate seconds, and
+    other tasks run between them; at rate inf every arrival comes in the same event-loop turn (nothing awaited)."""
+    async def arrival_times(count: int, rate: float) -> tuple[list[float], int]:
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        start = time.perf_counter()
+        times = [time.perf_counter() - start async for _ in serving._arrivals(count, rate, 1.0, random.Random(0))]
+        ticking.cancel()
+        return times, ticks
+
+    times, ticks = asyncio.run(arrival_times(1000, math.inf))
+    assert len(times) == 1000 and ticks == 0
+    rate = 40.0
+    times, ticks = asyncio.run(arrival_times(41, rate))
+    expected = sum(_replayed_gaps(40, rate))  # the same seeded draws: about 40 / rate = 1 s
+    assert expected <= times[-1] <= expected + 0.5
+    assert ticks >= 40
+
+
+def _replayed_gaps(count: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(count)]
+
+
+def test_qwen3_tokenizer_prompts_against_stories_with_tqdm(server, capsys):
+    """Random prompts from the Qwen3 vocabulary (151,643 ids) against stories260K (512): prompts travel as text,
+    so no id outside the served model's vocabulary is ever sent, and the input token counts are the server's
+    (its own tokenizer's), not Qwen3's. The tqdm progress bar is on."""
+    if not (QWEN3_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("../shared/tokenizers/qwen3 is not here")
+    from transformers import AutoTokenizer
+    qwen3 = AutoTokenizer.from_pretrained(QWEN3_TOKENIZER)
+    stories = AutoTokenizer.from_pretrained(need_stories())
+    requests = random_requests(qwen3, 6, 16, 8, seed=0)
+    assert all(isinstance(r.prompt, str) and r.prompt_len == 16 for r in requests)
+    assert max(max(qwen3(r.prompt, add_special_tokens=False).input_ids) for r in requests) >= 512
+    result = run_benchmark(server.base_url, None, str(QWEN3_TOKENIZER), num_prompts=6, random_input_len=16,
+                           random_output_len=8, request_rate=math.inf, disable_tqdm=False)
+    assert result["completed"] == 6 and result["failed"] == 0 and not result["errors"]
+    assert result["model"] == "stories" and result["total_output_tokens"] == 6 * 8
+    server_lens = [len(stories(r.prompt).input_ids) for r in requests]  # with the BOS the server adds
+    assert [r["prompt_len"] for r in result["per_request"]] == server_lens
+    assert result["total_input_tokens"] == sum(server_lens) > 6 * 16
+    progress = capsys.readouterr().err
+    assert "requests: 100%" in progress and "6/6" in progress
+    assert server.wait_idle()

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("gguf")
 from pagedllm import model_resolution  # noqa: E402
 from pagedllm.model_resolution import (  # noqa: E402
     DEFAULT_GGUF_FILE, DEFAULT_MODEL, ResolvedModel, default_cache_dir, fetch_default_gguf, resolve_model)
 from pagedllm.worker.gguf_loader import load_gguf  # noqa: E402
-from tests.test_gguf import write_tiny_gguf  # noqa: E402
+from tests.test_gguf import _hf_model_with, write_tiny_gguf  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -168,3 +176,92 @@ def test_fetch_rejects_a_download_with_the_wrong_sha256(offline):
     with pytest.raises(ValueError, match="downloaded .* has sha256 [0-9a-f]{64}, expected 0{64}"):
         fetch_default_gguf(str(cache), expected_sha256="0" * 64)
     assert os.listdir(cache) == []
+
+
+def _cached_default_gguf(offline, monkeypatch) -> tuple[Path, dict]:
+    """The tiny GGUF where the default model's file is looked for, with its sha256 as the expected one."""
+    cached = offline / "cache" / DEFAULT_GGUF_FILE
+    cached.parent.mkdir()
+    expected = write_tiny_gguf(cached)
+    monkeypatch.setattr(model_resolution, "DEFAULT_SHA256", _sha256(cached))
+    return cached, expected
+
+
+def test_default_model_runs_in_the_engine_offline_and_equals_hf(offline, monkeypatch):
+    """LLM(DEFAULT_MODEL) with no network and an empty HF cache runs on the cached GGUF: its greedy tokens are
+    transformers' greedy tokens on the GGUF's dequantized weights, and its chat uses the GGUF's chat template."""
+    from pagedllm import LLM, SamplingParams
+    cached, expected = _cached_default_gguf(offline, monkeypatch)
+    llm = LLM(DEFAULT_MODEL, device="cpu", dtype="float32", kv_cache_memory=16 << 20)
+    assert llm.llm_engine.model_name == DEFAULT_MODEL and llm.llm_engine.args.model == str(cached)
+    checkpoint = load_gguf(str(cached))
+    hf = _hf_model_with(checkpoint.config, {name: torch.from_numpy(w) for name, w in expected.items()})
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, checkpoint.config.vocab_size, (n,), generator=generator).tolist() for n in (3, 9, 17)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    with torch.no_grad():
+        for prompt, output in zip(prompts, outputs):
+            reference = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(prompt):].tolist()
+            assert output.outputs[0].token_ids == reference
+    assert len({tuple(o.outputs[0].token_ids) for o in outputs}) == 3  # not a degenerate model
+    chat = llm.chat([{"role": "user", "content": "Hello world"}], SamplingParams(temperature=0, max_tokens=4),
+                    use_tqdm=False)[0]
+    text = "<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.prompt_token_ids == checkpoint.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_serve_without_a_model_serves_the_default_offline(offline, monkeypatch):
+    """`pagedllm serve` with no MODEL, as a subprocess with no network: it serves the cached default GGUF under
+    the default name. The expected sha256 is the tiny file's, set in the subprocess before the CLI runs."""
+    from tests.server_fixtures import free_port
+    cached, _ = _cached_default_gguf(offline, monkeypatch)
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import sys
+        from pagedllm import model_resolution
+        model_resolution.DEFAULT_SHA256 = {_sha256(cached)!r}
+        from pagedllm.cli import main
+        main(["serve", "--port", "{port}", "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "16777216",
+              "--log-level", "warning"])
+    """)
+    env = {**os.environ, "PAGEDLLM_CACHE": str(offline / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(offline / "hf-hub"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(offline / "wheels")}
+    env.pop("PAGEDLLM_API_KEY", None)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    import httpx
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.2)
+        models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == [DEFAULT_MODEL]
+        body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 4,
+                "temperature": 0}
+        chat = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert chat.status_code == 200, chat.text
+        # The prompt is the GGUF's chat template applied to the messages.
+        tokenizer = load_gguf(str(cached)).tokenizer
+        prompt = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        assert chat.json()["usage"] == {"prompt_tokens": len(tokenizer(prompt).input_ids), "completion_tokens": 4,
+                                        "total_tokens": len(tokenizer(prompt).input_ids) + 4}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output
+    assert f"serving '{DEFAULT_MODEL}' at http://127.0.0.1:{port}/v1" in output
+    assert not list((offline / "hf-hub").iterdir())  # nothing was fetched

@@ -132,3 +132,68 @@ def test_random_sampling_on_a_random_model_and_broken_unicode(tiny_server):
     assert error.status_code == 400 and error.json()["error"]["param"] == "messages"
     assert "not valid Unicode" in error.json()["error"]["message"]
     assert _chat(client, "tiny").choices[0].finish_reason == "length"
+
+
+STORY = [{"role": "user", "content": "Once upon a time"}]
+
+
+def test_seeded_chat_sampling_is_reproducible(stories_server):
+    client = stories_server.client()
+    texts = [_chat(client, "stories", messages=STORY, temperature=1.0, seed=seed, max_tokens=30).choices[0]
+             .message.content for seed in (7, 7, 8, 9)]
+    assert texts[0] == texts[1]
+    assert len(set(texts[1:])) == 3  # other seeds, other texts
+    greedy = _chat(client, "stories", messages=STORY, max_tokens=30).choices[0].message.content
+    assert greedy not in texts
+
+
+def test_chat_top_k_1_min_p_1_and_user_give_the_greedy_text(stories_server):
+    client = stories_server.client()
+    greedy = _chat(client, "stories", messages=STORY, max_tokens=40).choices[0].message.content
+    sampled = _chat(client, "stories", messages=STORY, max_tokens=40, temperature=1.0, seed=3)
+    assert sampled.choices[0].message.content != greedy
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        response = _chat(client, "stories", messages=STORY, max_tokens=40, temperature=1.0, seed=3, extra_body=extra)
+        assert response.choices[0].message.content == greedy, extra
+    assert _chat(client, "stories", messages=STORY, max_tokens=40, user="user-1234").choices[0].message.content \
+        == greedy
+
+
+def test_chat_stop_token_ids_and_penalties(stories_server):
+    client = stories_server.client()
+    tokenizer = stories_server.engine.tokenizer
+    reference = _chat(client, "stories", messages=STORY, max_tokens=40, logprobs=True)
+    greedy = reference.choices[0].message.content
+    tokens = [entry.token for entry in reference.choices[0].logprobs.content]
+    was_id = tokenizer.convert_tokens_to_ids("\u2581was")  # "The owl was very happy"
+    assert was_id != tokenizer.unk_token_id and tokenizer.decode([was_id]) in tokens
+    stopped = _chat(client, "stories", messages=STORY, max_tokens=40, extra_body={"stop_token_ids": [was_id]})
+    choice = stopped.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == was_id
+    assert choice.message.content == greedy[:greedy.index(" was")]  # its text left out, as vLLM does
+    assert stopped.usage.completion_tokens == tokens.index(tokenizer.decode([was_id])) + 1
+    streamed = _chat(client, "stories", messages=STORY, max_tokens=40, stream=True,
+                     extra_body={"stop_token_ids": [was_id], "include_stop_str_in_output": True})
+    with_text = [c for c in streamed if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_text) == greedy[:greedy.index(" was") + 4]
+    assert with_text[-1].choices[0].finish_reason == "stop"
+    for penalty in ({"extra_body": {"repetition_penalty": 1.5}}, {"presence_penalty": 1.5},
+                    {"frequency_penalty": 1.5}):
+        penalised = [_chat(client, "stories", messages=STORY, max_tokens=40, **penalty).choices[0].message.content
+                     for _ in range(2)]
+        assert penalised[0] == penalised[1] != greedy, penalty
+
+
+def test_chat_skip_special_tokens_false_shows_the_special_token(stories_server):
+    """stories260K begins its next story with <s>: hidden by default, shown with skip_special_tokens=False."""
+    client = stories_server.client()
+    by_bos = _chat(client, "stories", messages=STORY, max_tokens=200, extra_body={"stop_token_ids": [1]})
+    choice = by_bos.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == 1
+    past = by_bos.usage.completion_tokens + 4
+    assert past < 200
+    hidden = _chat(client, "stories", messages=STORY, max_tokens=past).choices[0].message.content
+    shown = _chat(client, "stories", messages=STORY, max_tokens=past,
+                  extra_body={"skip_special_tokens": False}).choices[0].message.content
+    assert "<s>" not in hidden and shown.count("<s>") == 1
+    assert shown.startswith(choice.message.content + "<s>") and shown.replace("<s>", "") == hidden

@@ -104,6 +104,11 @@ def test_seeded_sampling_is_reproducible(server):
     b = _complete(client, prompt="Once upon a time", temperature=1.0, seed=7, max_tokens=30)
     assert a.choices[0].text == b.choices[0].text
     assert a.usage.completion_tokens >= 1
+    # The seed is what made them equal: other seeds sample other texts (and none of them is the greedy one).
+    others = {_complete(client, prompt="Once upon a time", temperature=1.0, seed=seed, max_tokens=30).choices[0].text
+              for seed in (8, 9)}
+    assert a.choices[0].text not in others and len(others) == 2
+    assert not STORIES_GREEDY.startswith(a.choices[0].text)
 
 
 def test_extra_sampling_fields_pass_through(server):
@@ -112,6 +117,88 @@ def test_extra_sampling_fields_pass_through(server):
                                      "ignore_eos": True, "stop_token_ids": [2], "skip_special_tokens": True,
                                      "some_unknown_field": 1})
     assert response.usage.completion_tokens == 8
+
+
+def test_top_k_1_and_min_p_1_sample_the_greedy_text(server):
+    """At temperature 1, top_k=1 and min_p=1.0 each leave only the most likely token: the greedy text. Without
+    them (the seed fixed), temperature 1 gives another text, so the fields did the work."""
+    client = server.client()
+    sampled = _complete(client, prompt="Once upon a time", temperature=1.0, seed=3).choices[0].text
+    assert sampled != STORIES_GREEDY
+    for extra in ({"top_k": 1}, {"min_p": 1.0}, {"top_k": 1, "top_p": 0.5}):
+        response = _complete(client, prompt="Once upon a time", temperature=1.0, seed=3, extra_body=extra)
+        assert response.choices[0].text == STORIES_GREEDY, extra
+
+
+def test_stop_token_ids_end_at_that_token(server):
+    """A stop token is the last token generated (it is counted in usage); its text is left out of the output
+    unless include_stop_str_in_output, as vLLM does; stop_reason is the token id."""
+    tokenizer = server.engine.tokenizer
+    lily = tokenizer.convert_tokens_to_ids("\u2581Lily")
+    assert lily != tokenizer.unk_token_id
+    client = server.client()
+    before = STORIES_GREEDY[:STORIES_GREEDY.index(" Lily")]  # ", there was a little girl named"
+    greedy_tokens = _complete(client, prompt="Once upon a time", logprobs=0).choices[0].logprobs.tokens
+    num_tokens = greedy_tokens.index(tokenizer.decode([lily])) + 1
+    stopped = _complete(client, prompt="Once upon a time", extra_body={"stop_token_ids": [lily]})
+    choice = stopped.choices[0]
+    assert (choice.text, choice.finish_reason, choice.model_extra["stop_reason"]) == (before, "stop", lily)
+    assert stopped.usage.completion_tokens == num_tokens
+    kept = _complete(client, prompt="Once upon a time", extra_body={"stop_token_ids": [lily],
+                                                                    "include_stop_str_in_output": True})
+    assert kept.choices[0].text == before + " Lily" and kept.usage.completion_tokens == num_tokens
+    streamed = _complete(client, prompt="Once upon a time", stream=True, extra_body={"stop_token_ids": [lily]})
+    chunks = [c for c in streamed if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == before
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    with_logprobs = _complete(client, prompt="Once upon a time", logprobs=1, extra_body={"stop_token_ids": [lily]})
+    assert with_logprobs.choices[0].logprobs.tokens[-1] == tokenizer.decode([lily])  # generated last, and kept
+
+
+def test_penalties_change_the_greedy_output(server):
+    """Greedy with a penalty is still deterministic, but no longer the unpenalised greedy text; each penalty
+    leaves the text alone until a token would repeat."""
+    client = server.client()
+    common = ", there was a little girl named Lily. She loved to play outside in the park"
+    assert STORIES_GREEDY.startswith(common)
+    for penalty in ({"extra_body": {"repetition_penalty": 1.5}}, {"presence_penalty": 1.5},
+                    {"frequency_penalty": 1.5}):
+        penalised = [_complete(client, prompt="Once upon a time", **penalty).choices[0].text for _ in range(2)]
+        assert penalised[0] == penalised[1], penalty
+        assert penalised[0] != STORIES_GREEDY and penalised[0].startswith(common), penalty
+    # A penalty below the neutral value rewards repeating: the story loops on fewer distinct words.
+    looping = _complete(client, prompt="Once upon a time", frequency_penalty=-2.0, max_tokens=60).choices[0].text
+    normal = _complete(client, prompt="Once upon a time", max_tokens=60).choices[0].text
+    assert len(set(looping.split())) < len(set(normal.split()))
+
+
+def test_skip_special_tokens_false_shows_the_special_token(server):
+    """stories260K starts a new story with <s> (its BOS, not an EOS): hidden by default, shown with
+    skip_special_tokens=False. stop_token_ids on it stop there, with its text only if include_stop_str_in_output."""
+    client = server.client()
+    by_bos = _complete(client, prompt="The dog", max_tokens=200, extra_body={"stop_token_ids": [1]})
+    choice = by_bos.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == 1
+    num_tokens = by_bos.usage.completion_tokens
+    assert 10 < num_tokens < 200
+    past = num_tokens + 4
+    hidden = _complete(client, prompt="The dog", max_tokens=past).choices[0].text
+    shown = _complete(client, prompt="The dog", max_tokens=past,
+                      extra_body={"skip_special_tokens": False}).choices[0].text
+    assert "<s>" not in hidden and shown.count("<s>") == 1
+    assert shown.startswith(choice.text + "<s>") and shown.replace("<s>", "") == hidden
+    stopped_shown = _complete(client, prompt="The dog", max_tokens=200,
+                              extra_body={"stop_token_ids": [1], "skip_special_tokens": False}).choices[0].text
+    assert stopped_shown == choice.text  # the stop token's text is left out, special or not
+    included = _complete(client, prompt="The dog", max_tokens=200,
+                         extra_body={"stop_token_ids": [1], "skip_special_tokens": False,
+                                     "include_stop_str_in_output": True}).choices[0].text
+    assert included == choice.text + "<s>"
+
+
+def test_user_field_is_accepted(server):
+    response = _complete(server.client(), prompt="Once upon a time", user="user-1234")
+    assert response.choices[0].text == STORIES_GREEDY
 
 
 def test_64_concurrent_requests_match_one_at_a_time(server):

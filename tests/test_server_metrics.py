@@ -2,7 +2,10 @@
 requests aborted and their KV blocks freed."""
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -139,3 +142,47 @@ def test_chat_stream_disconnect_aborts(server):
         assert chat_server.wait_idle()
     finally:
         chat_server.stop()
+
+
+def test_preemptions_are_counted_and_gauges_move_under_load():
+    """A KV cache of 12 blocks of 16 tokens: one 130-token request fits, four at once do not, so the scheduler
+    preempts (and recomputes). /metrics counts the preemptions and shows requests running and waiting while they
+    run; the outputs are still the greedy ones of the requests sent one at a time."""
+    config = json.loads((Path(need_stories()) / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    block_bytes = 2 * config["num_hidden_layers"] * 16 * config["num_key_value_heads"] * head_dim * 4  # fp32
+    server = ServerThread(need_stories(), served_model_name="stories", block_size=16,
+                          kv_cache_memory=12 * block_bytes)
+    try:
+        assert server.llm_engine.kv_cache.num_blocks == 12
+        prompts = ["Once upon a time", "Lily and Tom went to the park", "The dog", "One day, a bird"]
+
+        def complete(prompt: str) -> str:
+            body = {**LONG, "prompt": prompt, "max_tokens": 120}
+            response = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        start = _metrics(server)
+        alone = [complete(p) for p in prompts]
+        after_alone = _metrics(server)
+        assert _get(after_alone, "pagedllm:num_preemptions_total{}") == _get(start, "pagedllm:num_preemptions_total{}")
+        seen_running, seen_waiting, seen_usage = 0.0, 0.0, 0.0
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(complete, p) for p in prompts]
+            while not all(f.done() for f in futures):
+                samples = _metrics(server)
+                seen_running = max(seen_running, _get(samples, "pagedllm:num_requests_running{}"))
+                seen_waiting = max(seen_waiting, _get(samples, "pagedllm:num_requests_waiting{}"))
+                seen_usage = max(seen_usage, _get(samples, "pagedllm:kv_cache_usage_perc{}"))
+                time.sleep(0.02)
+            together = [f.result() for f in futures]
+        assert together == alone
+        end = _metrics(server)
+        assert _get(end, "pagedllm:num_preemptions_total{}") > _get(after_alone, "pagedllm:num_preemptions_total{}")
+        assert seen_running >= 2 and seen_waiting >= 1 and seen_usage > 0.5
+        assert server.wait_idle()
+        idle = _metrics(server)
+        assert _get(idle, "pagedllm:num_requests_running{}") == _get(idle, "pagedllm:num_requests_waiting{}") == 0
+    finally:
+        server.stop()
