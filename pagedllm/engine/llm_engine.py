@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -96,6 +97,7 @@ class _Group:
 class LLMEngine:
     def __init__(self, args: EngineArgs, stream_outputs: bool = True) -> None:
         start = time.perf_counter()
+        _thaw_heap()  # an earlier engine's cycles (and their GPU memory) go before this one measures memory
         from pagedllm.model_resolution import resolve_model
         resolved = resolve_model(args.model)  # a local directory, a .gguf file, or a hub id from the cache
         tokenizer_path = args.tokenizer
@@ -140,6 +142,7 @@ class LLMEngine:
                     num_blocks, self.config.block_size, tokens,
                     num_blocks * self.runner.kv_bytes_per_block() / 2**30,
                     tokens / self.max_model_len, self.max_model_len, time.perf_counter() - start)
+        _freeze_heap()
 
     # -- requests in -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
@@ -526,6 +529,19 @@ def _load_model_config(args: EngineArgs) -> ModelConfig:
         from pagedllm.worker.gguf_loader import load_gguf
         return ModelConfig.from_dict(load_gguf(args.model).config.to_dict())
     return ModelConfig.from_path(args.model)
+
+
+def _freeze_heap() -> None:
+    """Move every object alive after startup (the model's modules, the tokenizer, ...) out of the cyclic garbage
+    collector's sight: a full collection over them took about 10 ms every 20 steps on a 2-core CPU at batch 256,
+    a stall of every stream. Objects still die by reference count; only cycles among them wait for _thaw_heap."""
+    gc.collect()
+    gc.freeze()
+
+
+def _thaw_heap() -> None:
+    gc.unfreeze()
+    gc.collect()
 
 
 def _load_tokenizer(args: EngineArgs):
