@@ -1,6 +1,7 @@
 """LLMEngine: takes requests, steps the scheduler and the model runner, and turns sampled tokens into outputs."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import itertools
@@ -537,6 +538,8 @@ def _freeze_heap() -> None:
     a stall of every stream. Objects still die by reference count; only cycles among them wait for _thaw_heap."""
     gc.collect()
     gc.freeze()
+    atexit.unregister(_thaw_heap)
+    atexit.register(_thaw_heap)  # at exit, so that extension modules see their objects collected
 
 
 def _thaw_heap() -> None:
