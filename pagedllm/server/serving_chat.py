@@ -12,11 +12,11 @@ from pagedllm.engine.async_engine import EngineDeadError, RequestStream
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.context import ServerContext
-from pagedllm.server.errors import APIError, engine_value_error
+from pagedllm.server.errors import engine_value_error
 from pagedllm.server.params import chat_sampling_params, structured_param
 from pagedllm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, DeltaMessage, Usage)
-from pagedllm.server.streams import SSE_DONE, abort_on_disconnect, chat_logprobs, sse
+from pagedllm.server.streams import abort_on_disconnect, chat_logprobs, engine_dead, sse, sse_body, usage
 
 
 async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequest, raw_request):
@@ -36,15 +36,15 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     except ValueError as error:
         raise engine_value_error(error, names, "messages") from error
     if request.stream:
-        return StreamingResponse(_stream(ctx, request, params, stream, len(token_ids), raw_request),
-                                 media_type="text/event-stream")
+        return StreamingResponse(sse_body(_stream(ctx, request, params, stream, len(token_ids)), [stream],
+                                          raw_request), media_type="text/event-stream")
     watcher = asyncio.create_task(abort_on_disconnect(raw_request, [stream]))
     final = None
     try:
         async for output in stream:
             final = output
     except EngineDeadError as error:
-        raise APIError(503, f"The engine failed while serving this request: {error}", code="engine_dead") from error
+        raise engine_dead(error) from error
     finally:
         watcher.cancel()
         stream.abort()
@@ -62,62 +62,48 @@ def _response(ctx: ServerContext, params: SamplingParams, request_id: str,
         choices.append(ChatChoice(index=completion.index, message=ChatResponseMessage(content=completion.text),
                                   logprobs=logprobs, finish_reason=completion.finish_reason,
                                   stop_reason=completion.stop_reason))
-    num_prompt = len(output.prompt_token_ids)
-    num_generated = sum(len(c.token_ids) for c in output.outputs)
     return ChatCompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
-                                  usage=Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                              total_tokens=num_prompt + num_generated))
+                                  usage=usage(len(output.prompt_token_ids),
+                                              sum(len(c.token_ids) for c in output.outputs)))
 
 
 async def _stream(ctx: ServerContext, request: ChatCompletionRequest, params: SamplingParams, stream: RequestStream,
-                  num_prompt: int, raw_request) -> AsyncIterator[str]:
-    watcher = asyncio.create_task(abort_on_disconnect(raw_request, [stream]))
+                  num_prompt: int) -> AsyncIterator[str]:
     created = int(time.time())
     sent_text = [0] * params.n
     sent_tokens = [0] * params.n
     finished: set[int] = set()
 
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+    def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
         body = ChatCompletionChunk(id=stream.request_id, created=created, model=ctx.served_model_name,
-                                   choices=choices, usage=usage).model_dump()
+                                   choices=choices, usage=usage_).model_dump()
         for choice in body["choices"]:  # OpenAI's deltas carry only the keys that are set
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         return sse(body)
 
-    try:
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                     for i in range(params.n)])
-        async for output in stream:
-            choices = []
-            for completion in output.outputs:
-                i = completion.index
-                if i in finished:
-                    continue
-                delta = completion.text[sent_text[i]:]
-                new_tokens = len(completion.token_ids)
-                if not delta and new_tokens == sent_tokens[i] and completion.finish_reason is None:
-                    continue
-                logprobs = None
-                if params.logprobs is not None:
-                    logprobs = ChatLogprobs(content=chat_logprobs(completion, sent_tokens[i], new_tokens,
-                                                                  params.logprobs, ctx.prompts.tokenizer))
-                sent_text[i], sent_tokens[i] = len(completion.text), new_tokens
-                if completion.finish_reason is not None:
-                    finished.add(i)
-                choices.append(ChatChunkChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs,
-                                               finish_reason=completion.finish_reason,
-                                               stop_reason=completion.stop_reason))
-            if choices:
-                yield chunk(choices)
-        if request.stream_options is not None and request.stream_options.include_usage:
-            num_generated = sum(sent_tokens)
-            yield chunk([], Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                  total_tokens=num_prompt + num_generated))
-        yield SSE_DONE
-    except EngineDeadError as error:
-        yield sse(APIError(503, f"The engine failed while serving this request: {error}",
-                           code="engine_dead").body())
-        yield SSE_DONE
-    finally:
-        watcher.cancel()
-        stream.abort()
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                 for i in range(params.n)])
+    async for output in stream:
+        choices = []
+        for completion in output.outputs:
+            i = completion.index
+            if i in finished:
+                continue
+            delta = completion.text[sent_text[i]:]
+            new_tokens = len(completion.token_ids)
+            if not delta and new_tokens == sent_tokens[i] and completion.finish_reason is None:
+                continue
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = ChatLogprobs(content=chat_logprobs(completion, sent_tokens[i], new_tokens,
+                                                              params.logprobs, ctx.prompts.tokenizer))
+            sent_text[i], sent_tokens[i] = len(completion.text), new_tokens
+            if completion.finish_reason is not None:
+                finished.add(i)
+            choices.append(ChatChunkChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                                           finish_reason=completion.finish_reason,
+                                           stop_reason=completion.stop_reason))
+        if choices:
+            yield chunk(choices)
+    if request.stream_options is not None and request.stream_options.include_usage:
+        yield chunk([], usage(num_prompt, sum(sent_tokens)))

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pagedllm.engine.async_engine import EngineDeadError, RequestStream
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.context import ServerContext
-from pagedllm.server.errors import APIError, bad_request, engine_value_error
+from pagedllm.server.errors import bad_request, engine_value_error
 from pagedllm.server.params import beam_search_params, completion_sampling_params, structured_param
 from pagedllm.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
-from pagedllm.server.streams import (SSE_DONE, abort_all, abort_on_disconnect, completion_logprobs, merge, sse)
+from pagedllm.server.streams import (abort_all, abort_on_disconnect, completion_logprobs, engine_dead, merge, sse,
+                                     sse_body, usage)
 
 _PARAM_NAMES = {name: name for name in SamplingParams.__dataclass_fields__}
 
@@ -41,16 +42,15 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     echo_texts = [await _echo_text(ctx, p) for p in prompts] if request.echo else None
     if request.stream:
         num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
-        return StreamingResponse(_stream(ctx, request, params, request_id, streams, num_prompt, echo_texts,
-                                         raw_request),
-                                 media_type="text/event-stream")
+        return StreamingResponse(sse_body(_stream(ctx, request, params, request_id, streams, num_prompt, echo_texts),
+                                          streams, raw_request), media_type="text/event-stream")
     watcher = asyncio.create_task(abort_on_disconnect(raw_request, streams))
     try:
         finals = {}
         async for index, output in merge(streams):
             finals[index] = output
     except EngineDeadError as error:
-        raise APIError(503, f"The engine failed while serving this request: {error}", code="engine_dead") from error
+        raise engine_dead(error) from error
     finally:
         watcher.cancel()
         abort_all(streams)
@@ -103,62 +103,48 @@ def _response(ctx: ServerContext, request: CompletionRequest, params: SamplingPa
                                             logprobs=logprobs, finish_reason=completion.finish_reason,
                                             stop_reason=completion.stop_reason))
     return CompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
-                              usage=Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                          total_tokens=num_prompt + num_generated))
+                              usage=usage(num_prompt, num_generated))
 
 
 async def _stream(ctx: ServerContext, request: CompletionRequest, params: SamplingParams, request_id: str,
-                  streams: list[RequestStream], num_prompt: int, echo_texts: list[str] | None,
-                  raw_request) -> AsyncIterator[str]:
-    watcher = asyncio.create_task(abort_on_disconnect(raw_request, streams))
+                  streams: list[RequestStream], num_prompt: int, echo_texts: list[str] | None) -> AsyncIterator[str]:
     created = int(time.time())
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     text_offset: dict[int, int] = {}
     finished: set[int] = set()
 
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+    def chunk(choices: list[CompletionChoice], usage_: Usage | None = None) -> str:
         return sse(CompletionResponse(id=request_id, created=created, model=ctx.served_model_name,
-                                      choices=choices, usage=usage))
+                                      choices=choices, usage=usage_))
 
-    try:
-        if echo_texts:
-            yield chunk([CompletionChoice(index=i * params.n + j, text=text)
-                         for i, text in enumerate(echo_texts) for j in range(params.n)])
-            text_offset = {i * params.n + j: len(text) for i, text in enumerate(echo_texts) for j in range(params.n)}
-        async for index, output in merge(streams):
-            choices = []
-            for completion in output.outputs:
-                choice_index = index * params.n + completion.index
-                if choice_index in finished:
-                    continue
-                old_text, old_tokens = sent_text.get(choice_index, 0), sent_tokens.get(choice_index, 0)
-                delta = completion.text[old_text:]
-                new_tokens = len(completion.token_ids)
-                if not delta and new_tokens == old_tokens and completion.finish_reason is None:
-                    continue
-                logprobs = None
-                if params.logprobs is not None:
-                    logprobs = completion_logprobs(completion, old_tokens, new_tokens,
-                                                   text_offset.get(choice_index, 0), ctx.prompts.tokenizer)
-                    text_offset[choice_index] = text_offset.get(choice_index, 0) + sum(map(len, logprobs.tokens))
-                sent_text[choice_index], sent_tokens[choice_index] = len(completion.text), new_tokens
-                if completion.finish_reason is not None:
-                    finished.add(choice_index)
-                choices.append(CompletionChoice(index=choice_index, text=delta, logprobs=logprobs,
-                                                finish_reason=completion.finish_reason,
-                                                stop_reason=completion.stop_reason))
-            if choices:
-                yield chunk(choices)
-        if request.stream_options is not None and request.stream_options.include_usage:
-            num_generated = sum(sent_tokens.values())
-            yield chunk([], Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                  total_tokens=num_prompt + num_generated))
-        yield SSE_DONE
-    except EngineDeadError as error:
-        yield sse(APIError(503, f"The engine failed while serving this request: {error}",
-                           code="engine_dead").body())
-        yield SSE_DONE
-    finally:
-        watcher.cancel()
-        abort_all(streams)
+    if echo_texts:
+        yield chunk([CompletionChoice(index=i * params.n + j, text=text)
+                     for i, text in enumerate(echo_texts) for j in range(params.n)])
+        text_offset = {i * params.n + j: len(text) for i, text in enumerate(echo_texts) for j in range(params.n)}
+    async for index, output in merge(streams):
+        choices = []
+        for completion in output.outputs:
+            choice_index = index * params.n + completion.index
+            if choice_index in finished:
+                continue
+            old_text, old_tokens = sent_text.get(choice_index, 0), sent_tokens.get(choice_index, 0)
+            delta = completion.text[old_text:]
+            new_tokens = len(completion.token_ids)
+            if not delta and new_tokens == old_tokens and completion.finish_reason is None:
+                continue
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = completion_logprobs(completion, old_tokens, new_tokens,
+                                               text_offset.get(choice_index, 0), ctx.prompts.tokenizer)
+                text_offset[choice_index] = text_offset.get(choice_index, 0) + sum(map(len, logprobs.tokens))
+            sent_text[choice_index], sent_tokens[choice_index] = len(completion.text), new_tokens
+            if completion.finish_reason is not None:
+                finished.add(choice_index)
+            choices.append(CompletionChoice(index=choice_index, text=delta, logprobs=logprobs,
+                                            finish_reason=completion.finish_reason,
+                                            stop_reason=completion.stop_reason))
+        if choices:
+            yield chunk(choices)
+    if request.stream_options is not None and request.stream_options.include_usage:
+        yield chunk([], usage(num_prompt, sum(sent_tokens.values())))

@@ -8,9 +8,10 @@ from typing import AsyncIterator
 
 from pydantic import BaseModel
 
-from pagedllm.engine.async_engine import RequestStream
+from pagedllm.engine.async_engine import EngineDeadError, RequestStream
 from pagedllm.outputs import CompletionOutput, Logprob
-from pagedllm.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,31 @@ def sse(payload: BaseModel | dict) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_body(events: AsyncIterator[str], streams: list[RequestStream], raw_request) -> AsyncIterator[str]:
+    """A streamed response: the endpoint's events, then [DONE]. A dead engine ends it with a 503 error event;
+    the client leaving, or the end of the response, aborts the requests (freeing their blocks)."""
+    watcher = asyncio.create_task(abort_on_disconnect(raw_request, streams))
+    try:
+        async for event in events:
+            yield event
+        yield SSE_DONE
+    except EngineDeadError as error:
+        yield sse(engine_dead(error).body())
+        yield SSE_DONE
+    finally:
+        watcher.cancel()
+        abort_all(streams)
+        await events.aclose()
+
+
+def engine_dead(error: EngineDeadError) -> APIError:
+    return APIError(503, f"The engine failed while serving this request: {error}", code="engine_dead")
+
+
+def usage(num_prompt: int, num_generated: int) -> Usage:
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated)
 
 
 def token_text(token_id: int, logprob: Logprob, tokenizer) -> str:
