@@ -6,7 +6,6 @@ Prints the top kernels by total device time over --steps decode steps, and the s
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pagedllm import LLM, SamplingParams

@@ -44,6 +44,34 @@ def build_tiny_chat_model(path: Path) -> str:
     return str(path)
 
 
+def wait_healthy(process, base: str, timeout: float = 90) -> None:
+    """Wait until a server started as a subprocess answers /health (failing with its output if it exits)."""
+    import httpx
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.2)
+
+
+def stop_process(process) -> str:
+    """SIGINT, as a user's Ctrl-C. Returns everything the server printed."""
+    import signal
+    import subprocess
+    process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return output
+
+
 class ServerThread:
     """uvicorn serving build_app(...) on 127.0.0.1:<free port> until stop()."""
 

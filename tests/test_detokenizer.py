@@ -80,8 +80,7 @@ def test_random_model_sampling_never_breaks_the_engine(tiny_models):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(8, seed=70)]
     outputs = llm.generate(prompts, SamplingParams(temperature=1.0, seed=1, max_tokens=60, ignore_eos=True),
                            use_tqdm=False)
-    tokenizer = llm.get_tokenizer()
-    for prompt, output in zip(prompts, outputs):
+    for output in outputs:
         completion = output.outputs[0]
         assert len(completion.token_ids) == 60
         assert completion.text  # byte garbage shows as text (U+FFFD where it is broken), never as an error

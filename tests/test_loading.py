@@ -1,7 +1,6 @@
 """Model files in their several forms: sharded safetensors with an index, pytorch_model.bin, transformers 4 and 5
 config forms, dummy weights; and chat through the tokenizer's chat template."""
 import json
-import shutil
 
 import pytest
 import torch

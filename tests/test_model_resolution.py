@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -232,18 +230,11 @@ def test_serve_without_a_model_serves_the_default_offline(offline, monkeypatch):
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     import httpx
+
+    from tests.server_fixtures import stop_process, wait_healthy
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
+        wait_healthy(process, base)
         models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
         assert [m["id"] for m in models] == [DEFAULT_MODEL]
         body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 4,
@@ -256,12 +247,7 @@ def test_serve_without_a_model_serves_the_default_offline(offline, monkeypatch):
         assert chat.json()["usage"] == {"prompt_tokens": len(tokenizer(prompt).input_ids), "completion_tokens": 4,
                                         "total_tokens": len(tokenizer(prompt).input_ids) + 4}
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        output = stop_process(process)
     assert process.returncode == 0, output
     assert f"serving '{DEFAULT_MODEL}' at http://127.0.0.1:{port}/v1" in output
     assert not list((offline / "hf-hub").iterdir())  # nothing was fetched

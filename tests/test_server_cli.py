@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
 from pagedllm.cli import main
-from tests.server_fixtures import STORIES_GREEDY, free_port, need_stories
+from tests.server_fixtures import STORIES_GREEDY, free_port, need_stories, stop_process, wait_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,30 +22,6 @@ def _serve(args: list[str], env: dict | None = None) -> subprocess.Popen:
                             text=True)
 
 
-def _wait_healthy(process: subprocess.Popen, base: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become healthy"
-        time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen) -> str:
-    """SIGINT, as a user's Ctrl-C. Returns everything the server printed."""
-    process.send_signal(signal.SIGINT)
-    try:
-        output, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return output
-
-
 def test_serve_subprocess_end_to_end():
     port = free_port()
     process = _serve([need_stories(), "--port", str(port), "--device", "cpu", "--kv-cache-memory", str(64 << 20),
@@ -54,7 +29,7 @@ def test_serve_subprocess_end_to_end():
                      env={"PAGEDLLM_API_KEY": "from-env"})
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(process, base)
+        wait_healthy(process, base)
         assert httpx.get(base + "/v1/models").status_code == 401  # the key came from PAGEDLLM_API_KEY
         client = openai.OpenAI(base_url=base + "/v1", api_key="from-env", max_retries=0)
         assert client.models.list().data[0].id == "stories"
@@ -97,7 +72,7 @@ def test_serve_engine_options_and_api_key_flag_take_effect():
                      env={"PAGEDLLM_API_KEY": "from-env"})
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(process, base)  # /health needs no key
+        wait_healthy(process, base)  # /health needs no key
         assert httpx.get(base + "/v1/models").status_code == 401
         wrong = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer from-env"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
@@ -120,7 +95,7 @@ def test_serve_engine_options_and_api_key_flag_take_effect():
                                                 max_tokens=5, temperature=0)
         assert long_prompt.usage.prompt_tokens == 71 and long_prompt.usage.completion_tokens == 5
     finally:
-        output = _stop(process)
+        output = stop_process(process)
     assert process.returncode == 0, output
     assert "loaded LlamaForCausalLM weights (dummy)" in output, output
     assert "model story-cli, bfloat16, 8 KV blocks of 32 tokens" in output, output

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pagedllm.entrypoints.generate_cli import add_engine_args, engine_kwargs
 
