@@ -387,7 +387,7 @@ class LLMEngine:
             sums.contiguous_waste += 1 - used / (len(self.scheduler.running) * self.max_model_len)
             sums.steps += 1
         sums.computed_prompt_tokens += sum(min(n, max(0, r.num_prompt_tokens - (r.num_computed_tokens - n)))
-                              for r, n in zip(sched.requests, sched.num_new_tokens))
+                                           for r, n in zip(sched.requests, sched.num_new_tokens))
 
     # -- one step --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
