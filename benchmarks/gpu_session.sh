@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
-#   structured profile (host/GPU split of a decode step, and its kernels)
+#   structured attention profile (host/GPU split of a decode step, and its kernels)
 # Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (server, xgrammar, gguf wheels)
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -47,6 +47,11 @@ stage() {
     timeout 300 python3 benchmarks/bench_structured.py --tokenizer $QWEN_TOK --model benchmarks/configs/qwen3-0.6b \
       --load-format dummy --output-json "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log" | grep -v INFO \
       | tail -14 ;;
+  attention)  # decode/prefill kernels at Qwen3-0.6B's and Qwen3-8B's head shapes, with a sweep of tile configs
+    timeout 200 python3 benchmarks/bench_attention.py --tune --heads 16 --kv-heads 8 --head-dim 128 2>&1 \
+      | tee "$OUT/attention_0.6b.log" | tail -30
+    timeout 200 python3 benchmarks/bench_attention.py --heads 32 --kv-heads 8 --head-dim 128 2>&1 \
+      | tee "$OUT/attention_8b.log" | tail -14 ;;
   profile)
     python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 2>&1 | tail -1
     python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1
