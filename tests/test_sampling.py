@@ -211,3 +211,33 @@ def test_logprobs_equal_hf_log_softmax(tiny_llama):
         total += row[token].item()
     assert out.cumulative_logprob == pytest.approx(total, abs=1e-3)
     assert not math.isnan(total)
+
+
+def test_token_history_equals_padding_the_lists():
+    """The penalties' persistent token arrays equal padding the requests' lists, step after step, also when an
+    id is reused by a new request and when outputs outgrow the buffer."""
+    import random
+
+    from pagedllm.core.request import Request
+    from pagedllm.worker.token_history import TokenHistory
+
+    def naive(rows, pad):
+        width = max(1, max(len(r) for r in rows))
+        return [r + [pad] * (width - len(r)) for r in rows]
+
+    rng = random.Random(0)
+    history = TokenHistory(pad_id=99)
+    requests = [Request(f"r{i}", [rng.randrange(90) for _ in range(rng.randint(1, 30))], None, 0.0, i, 500)
+                for i in range(5)]
+    for step in range(80):
+        batch = [r for r in requests if rng.random() < 0.8] or requests[:1]
+        for r in batch:
+            r.append_output_token(rng.randrange(90))
+        prompts, outputs = history.padded(batch)
+        assert prompts.tolist() == naive([r.prompt_token_ids for r in batch], 99)
+        assert outputs.tolist() == naive([r.output_token_ids for r in batch], 99)
+        if step == 40:  # r0 finishes; a new request takes its id
+            history.forget("r0")
+            requests[0] = Request("r0", [1, 2, 3], None, 0.0, 9, 500)
+        if step == 60:  # an id reused without forget (the old object is still cached): rebuilt, not mixed
+            requests[1] = Request("r1", [4], None, 0.0, 10, 500)

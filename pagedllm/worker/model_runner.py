@@ -18,6 +18,7 @@ from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagedllm.worker.input_batch import InputBuffers, StepInputs, slots_of
 from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
+from pagedllm.worker.token_history import TokenHistory
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.host_caches: list[torch.Tensor] = []
         self.generators: dict[str, torch.Generator] = {}
+        self.token_history = TokenHistory(pad_id=self.vocab_size)  # for penalties
         max_seqs = config.args.max_num_seqs
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_seqs), max_seqs,
                                     cdiv(config.max_model_len, self.block_size), self.device)
@@ -175,6 +177,7 @@ class ModelRunner:
                 grammar_bitmask_fn=None) -> RunnerOutput:
         for request_id in sched.finished_request_ids:
             self.generators.pop(request_id, None)
+            self.token_history.forget(request_id)
         self.move_blocks(sched)
         step, sample_requests, sample_rows = self._build_step(sched, block_tables)
         sampling = self._sampling_metadata(sample_requests) if sample_requests else None
@@ -252,8 +255,9 @@ class ModelRunner:
             meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
             meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
             meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
-            meta.prompt_token_ids = self._padded([r.prompt_token_ids for r in requests])
-            meta.output_token_ids = self._padded([r.output_token_ids for r in requests])
+            prompt_ids, output_ids = self.token_history.padded(requests)
+            meta.prompt_token_ids = torch.from_numpy(prompt_ids).to(dev)
+            meta.output_token_ids = torch.from_numpy(output_ids).to(dev)
         for row, (request, p) in enumerate(zip(requests, params)):
             # min_tokens bans the stop tokens; a grammar decides for itself when output may end.
             if request.num_output_tokens < p.min_tokens and p.structured_outputs is None:
@@ -270,11 +274,6 @@ class ModelRunner:
             if p.logprobs is not None:
                 meta.max_num_logprobs = max(meta.max_num_logprobs or 0, p.logprobs)
         return meta
-
-    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64,
-                            device=self.device)
 
     def _to_host(self, requests: list[Request], output: SamplerOutput) -> RunnerOutput:
         token_ids = output.token_ids.tolist()
