@@ -51,7 +51,10 @@ def test_multi_turn_chat_reuses_the_conversation(tiny_llama):
         if turn > 0:
             assert output.num_cached_tokens >= 8 * ((len(conversation) - 1) // 8) - 8
         conversation = conversation + answer + random_prompts(1, min_len=5, max_len=5, seed=14 + turn)[0]
-    assert llm.llm_engine.get_stats().prefix_cache_hit_rate > 0.4
+    stats, stats_off = llm.llm_engine.get_stats(), reference.llm_engine.get_stats()
+    assert stats.prefix_cache_hit_rate > 0.4
+    assert stats.prefix_cache_hits == stats_off.num_computed_prompt_tokens - stats.num_computed_prompt_tokens
+    assert stats.num_computed_prompt_tokens < 0.6 * stats_off.num_computed_prompt_tokens
 
 
 def test_whole_prompt_cached_still_computes_its_last_token(tiny_llama):
