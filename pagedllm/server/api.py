@@ -105,11 +105,18 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
         raise api_error from error
 
 
+class _ErrorResponse(JSONResponse):
+    """Errors may quote what the client sent, lone surrogates included: escape to ASCII so that any text encodes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _add_error_handlers(app: FastAPI, engine: AsyncEngine) -> None:
     def respond(error: APIError) -> JSONResponse:
         if error.status >= 400:
             engine.metrics.record_rejected(error.status)
-        return JSONResponse(error.body(), status_code=error.status)
+        return _ErrorResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, error: APIError) -> JSONResponse:
