@@ -2,7 +2,7 @@
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
 #   structured attention profile (host/GPU split of a decode step, and its kernels)
-# Needs .shared (a copy of ../shared's stories260K and Qwen3 tokenizer) and .whl (server, xgrammar, gguf wheels)
+# Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PAGEDLLM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
