@@ -48,8 +48,20 @@ def test_incremental_text_equals_one_shot_decode(name):
         context = prompt[-6:]
         if "\ufffd" in tokenizer.decode(context):
             continue  # a prompt that ends inside a character (never one tokenized from text)
-        expected = tokenizer.decode(context + output)[len(tokenizer.decode(context)):]
+        head = tokenizer.decode(context)
+        expected = tokenizer.decode(context + output)[len(head):]
         assert _incremental(tokenizer, prompt, output) == expected
+        # Cut anywhere (perhaps inside a character): at the end the bytes still waiting show as U+FFFD. (A one-shot
+        # byte-fallback decode replaces every byte of a run that ends broken, also whole characters before it, so
+        # it is the reference only where nothing is broken.)
+        cut_output = output[:rng.randint(1, len(output))]
+        detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True, stop=[],
+                                       include_stop_str_in_output=False)
+        for token in cut_output:
+            detok.append(token)
+        final, one_shot = detok.visible_text(finished=True), tokenizer.decode(context + cut_output)[len(head):]
+        assert final.startswith(detok.text) and (final == detok.text or final.endswith("\ufffd"))
+        assert final == one_shot or ("\ufffd" in one_shot and final.endswith("\ufffd"))
         checked += 1
     assert checked > 80
 
@@ -67,6 +79,12 @@ def test_invalid_utf8_pieces_never_raise(name):
         output = [rng.randrange(3, 300 if rng.random() < 0.5 else vocab) for _ in range(rng.randint(1, 40))]
         text = _incremental(tokenizer, prompt, output)
         broken += "\ufffd" in text
+        detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True, stop=[],
+                                       include_stop_str_in_output=False)
+        for token in output:
+            detok.append(token)
+        final = detok.visible_text(finished=True)
+        assert final.startswith(text) and (final == text or final.endswith("\ufffd"))  # the end flushes broken bytes
         if "\ufffd" not in tokenizer.decode(prompt[-6:] + output):
             context = prompt[-6:]
             assert text == tokenizer.decode(context + output)[len(tokenizer.decode(context)):]

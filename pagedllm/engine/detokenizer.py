@@ -22,6 +22,7 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0  # the window: ids[prefix_offset:read_offset] are shown, the rest are not yet
         self._read_offset = len(self._ids)
+        self._stopped = False  # a stop string cut the text
         # Text that may still turn out to start a stop string is held back from the visible output.
         self._hold_back = max((len(s) for s in stop), default=1) - 1 if not include_stop_str_in_output else 0
 
@@ -52,12 +53,25 @@ class IncrementalDetokenizer:
             return None
         index, stop = best
         self.text = self.text[:index + len(stop)] if self.include_stop else self.text[:index]
+        self._stopped = True
         return stop
 
     def visible_text(self, finished: bool) -> str:
-        if finished or self._hold_back == 0:
+        if finished:
+            return self.text + self._unfinished_character()
+        if self._hold_back == 0:
             return self.text
         return self.text[:max(0, len(self.text) - self._hold_back)]
+
+    def _unfinished_character(self) -> str:
+        """At the end, bytes still waiting for the rest of their character show as U+FFFD, as a full decode has
+        them (unless a stop string already ended the text)."""
+        if self._stopped or self._read_offset == len(self._ids):
+            return ""
+        window = self._ids[self._prefix_offset:]
+        shown = self._decode(window[:self._read_offset - self._prefix_offset],
+                             skip_special_tokens=self.skip_special_tokens)
+        return self._decode(window, skip_special_tokens=self.skip_special_tokens)[len(shown):]
 
 
 def check_unicode(text: str, what: str) -> None:
