@@ -127,6 +127,17 @@ def test_client_giving_up_on_a_non_streaming_request_aborts_it(server):
     assert server.wait_idle()
 
 
+def test_client_giving_up_on_a_beam_search_aborts_every_beam(server):
+    before = _metrics(server)
+    body = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 500, "n": 6, "use_beam_search": True,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    _wait_for_abort(server, before)
+    # Within a step or two, not after the search's remaining hundreds of steps: every beam's blocks came back.
+    assert server.wait_idle(timeout=1.0)
+
+
 def test_chat_stream_disconnect_aborts(server):
     # stories260K has no chat template: this server needs one, so use a fresh one with a template
     from tests.server_fixtures import CHAT_TEMPLATE
