@@ -58,10 +58,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_benchmark(args)
+    result, workload, device = run_benchmark(args)
     print(format_result(result), flush=True)  # before the (slow) HF runs, so that a time limit keeps our figures
     if args.compare_hf:
-        result.update(compare_hf_with(result, args))
+        result.update(compare_hf_with(result, args, workload, device))
         print(format_hf(result))
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
+    """Our run of the workload: (figures, the workload, the torch device it ran on); the engine is gone after."""
     import torch
 
     from pagedllm import LLM, SamplingParams
@@ -106,20 +107,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         seconds=elapsed, output_tok_s=generated / elapsed, ready_s=ready_s,
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
-        preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks, vocab_size=vocab,
-        torch_device=str(device))
+        preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
     stats = engine.get_stats()
     result.update(kv_fragmentation=stats.kv_fragmentation, kv_waste_if_contiguous=stats.kv_waste_if_contiguous)
-    return result
+    return result, workload, device
 
 
-def compare_hf_with(result: dict, args: argparse.Namespace) -> dict:
+def compare_hf_with(result: dict, args: argparse.Namespace, workload: Workload, device) -> dict:
     """HF transformers on a subset of the same workload, on the same device; adds the ratios to ours."""
-    import torch
-
-    workload = make_workload(args.num_requests, args.min_input_len, args.max_input_len, args.min_output_len,
-                             args.max_output_len, min(args.vocab_limit, result["vocab_size"] - 1))
-    device = torch.device(result["torch_device"])
     _free(device)
     out = compare_hf(args, workload, device)
     for key in ("hf_generate_tok_s", "hf_generate_batch_tok_s"):

@@ -471,24 +471,24 @@ class LLMEngine:
     def _check_stop(self, seq: _Sequence, token_id: int) -> RequestStatus | None:
         request = seq.request
         params = request.sampling_params
-        stop_token = request.num_output_tokens >= params.min_tokens and (
-            token_id in request.eos_token_ids or token_id in params.stop_token_ids)
+        may_stop = request.num_output_tokens >= params.min_tokens
+        is_eos = may_stop and token_id in request.eos_token_ids
+        is_stop_id = may_stop and not is_eos and token_id in params.stop_token_ids
         stop_string = None
         # As vLLM: the text of a stop token (EOS or stop_token_ids) is left out unless include_stop_str_in_output.
-        if seq.detokenizer is not None and not (stop_token and not params.include_stop_str_in_output):
+        if seq.detokenizer is not None and not ((is_eos or is_stop_id) and not params.include_stop_str_in_output):
             stop_string = seq.detokenizer.append(token_id)
         if (self.structured is not None and params.structured_outputs is not None
                 and self.structured.is_terminated(request.request_id)):
             return RequestStatus.FINISHED_STOPPED  # the structure is complete (min_tokens cannot extend it)
-        if request.num_output_tokens >= params.min_tokens:
-            if token_id in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-            if stop_string is not None:
-                request.stop_reason = stop_string
-                return RequestStatus.FINISHED_STOPPED
+        if is_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if is_stop_id:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if may_stop and stop_string is not None:
+            request.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
