@@ -39,6 +39,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swap preemption
+    # Launch each step before the previous one's tokens reach the host, so that the host's work overlaps the
+    # device's. None: on for CUDA, off on the CPU (where nothing runs asynchronously, so it only adds a step).
+    async_scheduling: bool | None = None
     hf_config: dict | None = field(default=None, repr=False)  # a config dict given directly (dummy weights)
 
     def __post_init__(self) -> None:
@@ -145,6 +148,7 @@ class EngineConfig:
     max_model_len: int
     max_num_batched_tokens: int
     block_size: int
+    async_scheduling: bool = False
 
     @classmethod
     def create(cls, args: EngineArgs, model: ModelConfig) -> "EngineConfig":
@@ -162,7 +166,8 @@ class EngineConfig:
             max_model_len = args.max_model_len
         max_batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         return cls(args=args, model=model, device=device, dtype=dtype, max_model_len=max_model_len,
-                   max_num_batched_tokens=max_batched, block_size=args.block_size)
+                   max_num_batched_tokens=max_batched, block_size=args.block_size,
+                   async_scheduling=device.type == "cuda" if args.async_scheduling is None else args.async_scheduling)
 
 
 def _pick_device(name: str) -> torch.device:

@@ -71,7 +71,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self.block_tables.get(request.request_id)
-        num_full = min(request.num_computed_tokens // self.block_size, len(table or ()))
+        # only tokens whose ids are known: a token in flight (async scheduling) has its K/V but not yet its key
+        num_full = min(min(request.num_computed_tokens, request.num_tokens) // self.block_size, len(table or ()))
         if num_full <= request.num_registered_blocks:
             return
         request.num_registered_blocks = num_full

@@ -40,6 +40,7 @@ class Request:
     num_registered_blocks: int = 0  # full blocks already offered to the prefix cache
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_in_flight: int = 0  # sampled tokens not yet known to the host (async scheduling: 0 or 1)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

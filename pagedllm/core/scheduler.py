@@ -93,9 +93,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:  # idle: a beam waiting for its siblings
-                i += 1
+            # A token still in flight (async scheduling) is computed like a known one: its id stays on the device.
+            num_new = min(request.num_tokens + request.num_in_flight - request.num_computed_tokens, budget)
+            if num_new == 0 or (request.num_in_flight
+                                and request.num_output_tokens + request.num_in_flight >= request.max_tokens):
+                i += 1  # idle: a beam waiting for its siblings, or a request whose token in flight is its last
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running[-1]

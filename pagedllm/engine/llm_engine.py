@@ -20,7 +20,7 @@ from pagedllm.engine.beam_search import BeamState
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, check_unicode
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
-from pagedllm.worker.model_runner import ModelRunner, RunnerOutput
+from pagedllm.worker.model_runner import ModelRunner, PendingStep, RunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class _Group:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     pending_forks: list[_Sequence] = field(default_factory=list)  # n > 1: siblings waiting for the prompt
+    needs_sync: bool = False  # every token must be on the host before the next step (no async scheduling)
 
     @property
     def finished(self) -> bool:
@@ -128,6 +129,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, args.max_num_seqs, self.config.max_num_batched_tokens,
                                    args.preemption_mode)
         self._kv_sums = _KVSums()
+        self.async_scheduling = self.config.async_scheduling
+        self._in_flight: PendingStep | None = None  # async scheduling: the launched step not yet processed
         self.structured = None  # StructuredOutputManager, created on first use
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
@@ -163,6 +166,8 @@ class LLMEngine:
             self._structured().validate(params.structured_outputs)
         now = time.time() if arrival_time is None else arrival_time
         group = _Group(request_id, prompt_text, prompt_ids, params, [], RequestMetrics(arrival_time=now))
+        group.needs_sync = (params.n > 1 or params.structured_outputs is not None or params.repetition_penalty != 1.0
+                            or bool(params.presence_penalty) or bool(params.frequency_penalty))
         for index in range(params.n):
             child_params = params
             if params.n > 1:
@@ -391,10 +396,17 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduled step. With async scheduling, the step is launched on the device before the previous
+        one's tokens are processed, so that the host's work overlaps the device's: the outputs returned are the
+        previous step's, and a request learns it has stopped one step late (that step's token is dropped)."""
         failed = self._admit_compiled()
+        in_flight, self._in_flight = self._in_flight, None
+        overlap = self.async_scheduling and self._may_overlap()
+        if in_flight is not None and not overlap:
+            return failed + self._process(in_flight.result())  # drain: the next step needs every token known
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return failed
+            return failed + (self._process(in_flight.result()) if in_flight is not None else [])
         now = time.time()
         for request in sched.requests:
             group = self._beam_of[request.request_id] if request.request_id in self._beam_of else \
@@ -403,10 +415,22 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(group.prompt_token_ids)
         bitmask_fn = self._apply_grammar if self.structured is not None else None
-        output = self.runner.execute(sched, self.kv_cache.block_tables, bitmask_fn)
+        pending = self.runner.launch(sched, self.kv_cache.block_tables, bitmask_fn)
         self.scheduler.update_after_step(sched)
         self._account(sched)
-        return failed + self._process(output)
+        if not overlap:
+            return failed + self._process(pending.result())
+        for request in pending.requests:
+            request.num_in_flight += 1
+        self._in_flight = pending
+        return failed + (self._process(in_flight.result()) if in_flight is not None else [])
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be launched before the tokens in flight are known: not while any live
+        request needs every token on the host before its next step (grammars, penalties, n > 1, beam search)."""
+        if self._beam_groups or self._compiling or (self.structured is not None and self.structured.num_requests()):
+            return False
+        return not any(group.needs_sync for group in self._groups.values())
 
     def _apply_grammar(self, logits, requests: list[Request]) -> None:
         ids = [r.request_id if r.sampling_params.structured_outputs is not None else None for r in requests]
@@ -419,6 +443,10 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         outputs = []
         for i, (request, token_id) in enumerate(zip(output.sampled_requests, output.token_ids)):
+            if request.num_in_flight:
+                request.num_in_flight -= 1
+            if request.status.finished:  # stopped or aborted while this token was in flight
+                continue
             beam_group = self._beam_of.get(request.request_id)
             if beam_group is not None:
                 finished_beams = self._beam_reported(beam_group, request, output.logprobs[i])

@@ -20,6 +20,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch each step before the previous one's tokens reach the host (default: on CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -27,7 +29,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, seed=args.seed, enforce_eager=args.enforce_eager,
-                load_format=args.load_format, device=args.device, enable_prefix_caching=args.enable_prefix_caching)
+                load_format=args.load_format, device=args.device, enable_prefix_caching=args.enable_prefix_caching,
+                async_scheduling=args.async_scheduling)
 
 
 def add_parser(subparsers) -> None:

@@ -31,6 +31,44 @@ class RunnerOutput:
     # top ids, top logprobs); None when nobody asked
 
 
+class PendingStep:
+    """A launched step whose sampled tokens are on their way to the host: result() waits for them (the step's one
+    device-to-host sync) and returns them as Python values."""
+
+    def __init__(self, requests: list[Request], output: SamplerOutput | None) -> None:
+        self.requests = requests
+        self._result: RunnerOutput | None = RunnerOutput([], []) if output is None else None
+        self._host: list[torch.Tensor] = []
+        self._ready: torch.cuda.Event | None = None
+        if output is not None:
+            tensors = [output.token_ids]
+            if output.sampled_logprobs is not None:
+                tensors += [output.sampled_logprobs, output.sampled_ranks]
+                if output.top_token_ids is not None:
+                    tensors += [output.top_token_ids, output.top_logprobs]
+            if output.token_ids.is_cuda:
+                self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+                for host, device in zip(self._host, tensors):
+                    host.copy_(device, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+            else:
+                self._host = tensors
+
+    def result(self) -> RunnerOutput:
+        if self._result is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            values = [t.tolist() for t in self._host]
+            self._result = RunnerOutput(self.requests, values[0])
+            if len(values) > 1:
+                lp, ranks = values[1], values[2]
+                top_ids, top_lps = values[3:5] if len(values) > 3 else ([[] for _ in lp], [[] for _ in lp])
+                self._result.logprobs = [(lp[i], ranks[i], top_ids[i], top_lps[i]) for i in range(len(lp))]
+            self._host = []
+        return self._result
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -49,6 +87,8 @@ class ModelRunner:
                                     cdiv(config.max_model_len, self.block_size), self.device)
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.args.seed))
+        # the previous launch's sampled ids on the device, and each request's row in them (async scheduling)
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     # -- startup ---------------------------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -168,13 +208,20 @@ class ModelRunner:
                 cache[:, dst] = cache[:, src]
 
     def _index_pair(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(pairs, dtype=torch.int64).T.contiguous()
-        return index[0].to(self.device), index[1].to(self.device)
+        src, dst = zip(*pairs)
+        return self._to_device(list(src), torch.int64), self._to_device(list(dst), torch.int64)
 
     # -- one step --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
                 grammar_bitmask_fn=None) -> RunnerOutput:
+        return self.launch(sched, block_tables, grammar_bitmask_fn).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+               grammar_bitmask_fn=None) -> PendingStep:
+        """Queue the step on the device without waiting for it. A decode whose input token was sampled by the
+        previous launch and is not yet on the host (async scheduling) reads it from that launch's device output."""
         for request_id in sched.finished_request_ids:
             self.generators.pop(request_id, None)
             self.token_history.forget(request_id)
@@ -196,13 +243,24 @@ class ModelRunner:
             input_ids, positions, meta = self.buffers.load(step)
             hidden = self.model(input_ids, positions, meta)
         if not sample_requests:
-            return RunnerOutput([], [])
+            self._last_sampled = None
+            return PendingStep([], None)
         if len(sample_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+            hidden = hidden[self._to_device(sample_rows, torch.int64)]
         logits = self.model.compute_logits(hidden)
         if grammar_bitmask_fn is not None:
             grammar_bitmask_fn(logits, sample_requests)
-        return self._to_host(sample_requests, self.sampler(logits, sampling))
+        output = self.sampler(logits, sampling)
+        self._last_sampled = (output.token_ids, {r.request_id: i for i, r in enumerate(sample_requests)})
+        return PendingStep(sample_requests, output)
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without waiting for the device: a copy from pageable memory would
+        first wait for everything queued before it (the step in flight), so it goes through pinned memory."""
+        tensor = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _decode_batch_size(self, step: StepInputs) -> int | None:
         num_seqs = len(step.seq_lens)
@@ -215,13 +273,19 @@ class ModelRunner:
     def _build_step(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]):
         bs = self.block_size
         step = StepInputs([], [], [], [0], [], [], sched.num_decodes, max(sched.num_new_tokens))
+        step.deferred_ids = self._last_sampled[0] if self._last_sampled is not None else None
         sample_requests, sample_rows = [], []
         for request, num_new in zip(sched.requests, sched.num_new_tokens):
             start = request.num_computed_tokens
             end = start + num_new
             table = block_tables[request.request_id]
             if num_new == 1:
-                step.input_ids.append(request.token_ids[start])
+                if start < request.num_tokens:
+                    step.input_ids.append(request.token_ids[start])
+                else:  # sampled by the step in flight: its id is copied on the device
+                    step.deferred_rows.append(len(step.input_ids))
+                    step.deferred_sources.append(self._last_sampled[1][request.request_id])
+                    step.input_ids.append(0)
                 step.positions.append(start)
             else:
                 step.input_ids.extend(request.token_ids[start:end])
@@ -230,7 +294,7 @@ class ModelRunner:
             step.query_start_loc.append(step.query_start_loc[-1] + num_new)
             step.seq_lens.append(end)
             step.block_tables.append(table)
-            if end == request.num_tokens:
+            if end >= request.num_tokens:  # > only for a decode of a token in flight
                 sample_requests.append(request)
                 sample_rows.append(step.query_start_loc[-1] - 1)
         return step, sample_requests, sample_rows
@@ -240,27 +304,27 @@ class ModelRunner:
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
         meta = SamplingMetadata(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=dev), all_greedy=all(greedy), any_greedy=any(greedy))
+            temperature=self._to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            greedy=self._to_device(greedy, torch.bool), all_greedy=all(greedy), any_greedy=any(greedy))
         if not meta.all_greedy:
             if any(p.top_k > 0 for p in params):
                 # top_k beyond the vocabulary keeps every token, as -1 does
-                meta.top_k = torch.tensor([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
-                                           for p in params], device=dev)
+                meta.top_k = self._to_device([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
+                                              for p in params], torch.int64)
             if any(p.top_p < 1.0 for p in params):
-                meta.top_p = torch.tensor([p.top_p for p in params], device=dev)
+                meta.top_p = self._to_device([p.top_p for p in params], torch.float32)
             if any(p.min_p > 0.0 for p in params):
-                meta.min_p = torch.tensor([p.min_p for p in params], device=dev)
+                meta.min_p = self._to_device([p.min_p for p in params], torch.float32)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
-            meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            meta.repetition_penalty = self._to_device([p.repetition_penalty for p in params], torch.float32)
+            meta.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
+            meta.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
             prompt_ids, output_ids = self.token_history.padded(requests)
             meta.prompt_token_ids = torch.from_numpy(prompt_ids).to(dev)
             meta.output_token_ids = torch.from_numpy(output_ids).to(dev)
         for row, (request, p) in enumerate(zip(requests, params)):
             # min_tokens bans the stop tokens; a grammar decides for itself when output may end.
-            if request.num_output_tokens < p.min_tokens and p.structured_outputs is None:
+            if request.num_output_tokens + request.num_in_flight < p.min_tokens and p.structured_outputs is None:
                 stoppers = (*(() if p.ignore_eos else request.eos_token_ids), *p.stop_token_ids)
                 banned = [t for t in stoppers if t < self.vocab_size]
                 if banned:
@@ -274,16 +338,3 @@ class ModelRunner:
             if p.logprobs is not None:
                 meta.max_num_logprobs = max(meta.max_num_logprobs or 0, p.logprobs)
         return meta
-
-    def _to_host(self, requests: list[Request], output: SamplerOutput) -> RunnerOutput:
-        token_ids = output.token_ids.tolist()
-        result = RunnerOutput(requests, token_ids)
-        if output.sampled_logprobs is not None:
-            lp = output.sampled_logprobs.tolist()
-            ranks = output.sampled_ranks.tolist()
-            if output.top_token_ids is not None:
-                top_ids, top_lps = output.top_token_ids.tolist(), output.top_logprobs.tolist()
-            else:
-                top_ids = top_lps = [[] for _ in requests]
-            result.logprobs = [(lp[i], ranks[i], top_ids[i], top_lps[i]) for i in range(len(requests))]
-        return result

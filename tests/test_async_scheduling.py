@@ -1,0 +1,121 @@
+"""Async scheduling (each step launched before the previous one's tokens are on the host): the same outputs as
+stepping synchronously, under batching, chunked prefill, preemption (recompute and swap), stops of every kind and
+aborts, with every block given back. On the CPU nothing overlaps, but the bookkeeping is the same as on CUDA."""
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from tests.conftest import all_blocks_free, hf_greedy, random_prompts
+from tests.test_invariance import llm_block_bytes
+
+
+def _llm(path, async_scheduling: bool, **kwargs) -> LLM:
+    kwargs.setdefault("skip_tokenizer_init", True)
+    return LLM(str(path), dtype="float32", async_scheduling=async_scheduling, **kwargs)
+
+
+def _count_deferred(llm) -> list[int]:
+    """Counts the decode inputs that were read from the device (tokens still in flight) at each step."""
+    runner = llm.llm_engine.runner
+    build = runner._build_step
+    counts = []
+
+    def spy(sched, tables):
+        step, requests, rows = build(sched, tables)
+        counts.append(len(step.deferred_rows))
+        return step, requests, rows
+    runner._build_step = spy
+    return counts
+
+
+def _run(llm, prompts, params):
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outputs]
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(),
+    dict(max_num_batched_tokens=16),  # chunked prefill, mixed steps
+    dict(block_size=8, kv_cache_memory=12 * llm_block_bytes(None, 8)),  # preemption by recompute
+    dict(block_size=8, kv_cache_memory=12 * llm_block_bytes(None, 8), preemption_mode="swap", swap_space=0.01),
+], ids=["batched", "chunked", "recompute", "swap"])
+def test_greedy_equals_hf(tiny_llama, engine_kwargs):
+    prompts = random_prompts(10, min_len=20, max_len=50, seed=2)
+    reference = hf_greedy(tiny_llama, prompts, 30)
+    llm = _llm(tiny_llama, True, **engine_kwargs)
+    deferred = _count_deferred(llm)
+    outputs = _run(llm, prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert [tokens for tokens, _, _ in outputs] == reference
+    assert sum(deferred) > 0, "no step read its input tokens from the step in flight"
+    assert all_blocks_free(llm)
+    if "kv_cache_memory" in engine_kwargs:
+        assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_stops_and_limits_equal_sync(tiny_llama):
+    """EOS, stop_token_ids, min_tokens, max_tokens and seeded sampling: a request learns of its stop one step
+    late, and the token computed meanwhile is dropped, so outputs equal synchronous stepping exactly."""
+    prompts = random_prompts(24, min_len=3, max_len=40, seed=5)
+    params = [SamplingParams(temperature=0.0 if i % 3 == 0 else 1.0, seed=i, max_tokens=5 + (i * 7) % 40,
+                             min_tokens=i % 5, stop_token_ids=[(i * 13) % 500 + 3, (i * 29) % 500 + 3])
+              for i in range(len(prompts))]
+    results = {}
+    for mode in (False, True):
+        llm = _llm(tiny_llama, mode, max_num_seqs=8, max_num_batched_tokens=64)
+        results[mode] = _run(llm, prompts, params)
+        assert all_blocks_free(llm)
+    assert results[True] == results[False]
+    reasons = {reason for _, reason, _ in results[True]}
+    assert reasons == {"stop", "length"}, reasons
+
+
+def test_stop_strings_equal_sync(stories_path):
+    prompts = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They", "One day"]
+    params = SamplingParams(temperature=0, max_tokens=60, stop=[".", " and"])
+    results = {}
+    for mode in (False, True):
+        llm = LLM(stories_path, dtype="float32", async_scheduling=mode)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results[mode] = [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outputs]
+        assert all_blocks_free(llm)
+    assert results[True] == results[False]
+    assert all(reason == "stop" for _, _, reason in results[True])
+
+
+def test_requests_that_need_every_token_run_synchronously(tiny_llama):
+    """Penalties and n > 1 need each token on the host before the next step: the engine drains what is in
+    flight and steps synchronously while they live, then overlaps again."""
+    prompts = random_prompts(6, min_len=5, max_len=30, seed=6)
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    special = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3),
+               SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=20, ignore_eos=True)]
+    params = [plain, special[0], plain, special[1], plain, plain]
+    results = {}
+    for mode in (False, True):
+        llm = _llm(tiny_llama, mode, max_num_seqs=4)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[mode] = [[c.token_ids for c in o.outputs] for o in outputs]
+        assert all_blocks_free(llm)
+    assert results[True] == results[False]
+
+
+def test_abort_while_in_flight_frees_blocks(tiny_llama):
+    llm = _llm(tiny_llama, True)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(random_prompts(6, min_len=5, max_len=30, seed=7)):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight is not None and engine._in_flight.requests
+    engine.abort_request(["0", "3"])
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            finished[output.request_id] = output
+    assert sorted(finished) == ["1", "2", "4", "5"]
+    assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
+    engine.step()  # whatever was still in flight for the aborted requests is dropped
+    assert all_blocks_free(llm)
+
+
+def test_async_is_off_on_the_cpu_by_default(tiny_llama):
+    assert LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True).llm_engine.async_scheduling is False
