@@ -81,9 +81,10 @@ def test_stop_strings_equal_sync(stories_path):
     assert all(reason == "stop" for _, _, reason in results[True])
 
 
-def test_requests_that_need_every_token_run_synchronously(tiny_llama):
-    """Penalties and n > 1 need each token on the host before the next step: the engine drains what is in
-    flight and steps synchronously while they live, then overlaps again."""
+def test_penalties_and_parallel_sampling_equal_sync(tiny_llama):
+    """Penalties need the previous token on the host before sampling (the engine processes it while the forward
+    pass runs); n > 1 forks from the first token (the engine drains and steps synchronously while such a request
+    lives, then overlaps again)."""
     prompts = random_prompts(6, min_len=5, max_len=30, seed=6)
     plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     special = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3),

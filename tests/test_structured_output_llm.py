@@ -299,3 +299,20 @@ def test_slow_compile_does_not_stall_other_requests(small_llm, monkeypatch):
     jsonschema.validate(json.loads(slow.text), SLOW)
     assert sum("slow_marker" in text for text in compiled) == 1
     assert all_blocks_free(small_llm) and engine.structured.num_requests() == 0
+
+
+def test_async_scheduling_gives_the_same_outputs(llm):
+    """With async scheduling, a grammar's bitmask is filled after the previous token is accepted, while the device
+    runs the step's forward pass: constrained, penalised and free requests come out exactly as when stepping
+    synchronously."""
+    async_llm = LLM(llm.llm_engine.args.model, dtype="float32", max_model_len=512, seed=0, async_scheduling=True)
+    prompts, params = [], []
+    for i, constraint in enumerate(CONSTRAINTS.values()):
+        prompts += [f"Request {i}, constrained.", f"Request {i}, free.", f"Request {i}, penalised."]
+        params += [SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs=constraint),
+                   SamplingParams(temperature=0.0, max_tokens=10 + i),
+                   SamplingParams(temperature=1.0, seed=i, max_tokens=12, presence_penalty=1.0)]
+    results = [[o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+               for engine in (llm, async_llm)]
+    assert results[0] == results[1]
+    assert all_blocks_free(async_llm) and async_llm.llm_engine.structured.num_requests() == 0

@@ -89,7 +89,7 @@ class _Group:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     pending_forks: list[_Sequence] = field(default_factory=list)  # n > 1: siblings waiting for the prompt
-    needs_sync: bool = False  # every token must be on the host before the next step (no async scheduling)
+    late_sampling: bool = False  # penalties: sampling needs the previous token processed (async scheduling)
 
     @property
     def finished(self) -> bool:
@@ -166,8 +166,8 @@ class LLMEngine:
             self._structured().validate(params.structured_outputs)
         now = time.time() if arrival_time is None else arrival_time
         group = _Group(request_id, prompt_text, prompt_ids, params, [], RequestMetrics(arrival_time=now))
-        group.needs_sync = (params.n > 1 or params.structured_outputs is not None or params.repetition_penalty != 1.0
-                            or bool(params.presence_penalty) or bool(params.frequency_penalty))
+        group.late_sampling = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+                               or bool(params.frequency_penalty))
         for index in range(params.n):
             child_params = params
             if params.n > 1:
@@ -415,25 +415,39 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(group.prompt_token_ids)
         bitmask_fn = self._apply_grammar if self.structured is not None else None
-        pending = self.runner.launch(sched, self.kv_cache.block_tables, bitmask_fn)
+        launched = self.runner.forward(sched, self.kv_cache.block_tables)
         self.scheduler.update_after_step(sched)
         self._account(sched)
+        outputs = failed
+        if in_flight is not None and self._sample_late():
+            # Grammars and penalties need the previous token on the host before this step samples: process it
+            # while the device runs this step's forward pass.
+            outputs += self._process(in_flight.result())
+            in_flight = None
+        pending = self.runner.sample(launched, bitmask_fn)
         if not overlap:
-            return failed + self._process(pending.result())
+            return outputs + self._process(pending.result())
         for request in pending.requests:
             request.num_in_flight += 1
         self._in_flight = pending
-        return failed + (self._process(in_flight.result()) if in_flight is not None else [])
+        return outputs + (self._process(in_flight.result()) if in_flight is not None else [])
 
     def _may_overlap(self) -> bool:
-        """Whether the next step may be launched before the tokens in flight are known: not while any live
-        request needs every token on the host before its next step (grammars, penalties, n > 1, beam search)."""
-        if self._beam_groups or self._compiling or (self.structured is not None and self.structured.num_requests()):
+        """Whether the next step may be launched before the tokens in flight are known: not while a grammar is
+        compiling or any live request forks sequences from its tokens (n > 1, beam search)."""
+        if self._beam_groups or self._compiling:
             return False
-        return not any(group.needs_sync for group in self._groups.values())
+        return not any(group.params.n > 1 for group in self._groups.values())
+
+    def _sample_late(self) -> bool:
+        """Whether a live request's sampling needs the previous token processed first (grammar, penalties)."""
+        if self.structured is not None and self.structured.num_requests():
+            return True
+        return any(group.late_sampling for group in self._groups.values())
 
     def _apply_grammar(self, logits, requests: list[Request]) -> None:
-        ids = [r.request_id if r.sampling_params.structured_outputs is not None else None for r in requests]
+        ids = [r.request_id if r.sampling_params.structured_outputs is not None and not r.status.finished else None
+               for r in requests]
         bitmask = self.structured.fill_bitmask(ids)
         if bitmask is not None:
             self.structured.apply_bitmask(logits, bitmask)

@@ -31,6 +31,13 @@ class RunnerOutput:
     # top ids, top logprobs); None when nobody asked
 
 
+@dataclass
+class LaunchedForward:
+    """A step's forward pass queued on the device: the requests that sample and their logits (rows in order)."""
+    requests: list[Request]
+    logits: torch.Tensor | None
+
+
 class PendingStep:
     """A launched step whose sampled tokens are on their way to the host: result() waits for them (the step's one
     device-to-host sync) and returns them as Python values."""
@@ -217,17 +224,20 @@ class ModelRunner:
                 grammar_bitmask_fn=None) -> RunnerOutput:
         return self.launch(sched, block_tables, grammar_bitmask_fn).result()
 
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
                grammar_bitmask_fn=None) -> PendingStep:
-        """Queue the step on the device without waiting for it. A decode whose input token was sampled by the
-        previous launch and is not yet on the host (async scheduling) reads it from that launch's device output."""
+        """Queue the step (forward and sampling) on the device without waiting for it."""
+        return self.sample(self.forward(sched, block_tables), grammar_bitmask_fn)
+
+    @torch.inference_mode()
+    def forward(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> LaunchedForward:
+        """Queue the step's forward pass and logits. A decode whose input token was sampled by the previous launch
+        and is not yet on the host (async scheduling) reads it from that launch's output on the device."""
         for request_id in sched.finished_request_ids:
             self.generators.pop(request_id, None)
             self.token_history.forget(request_id)
         self.move_blocks(sched)
         step, sample_requests, sample_rows = self._build_step(sched, block_tables)
-        sampling = self._sampling_metadata(sample_requests) if sample_requests else None
         num_seqs = len(step.seq_lens)
         padded = self._decode_batch_size(step)
         if padded is not None:
@@ -243,21 +253,31 @@ class ModelRunner:
             input_ids, positions, meta = self.buffers.load(step)
             hidden = self.model(input_ids, positions, meta)
         if not sample_requests:
-            self._last_sampled = None
-            return PendingStep([], None)
+            return LaunchedForward([], None)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[self._to_device(sample_rows, torch.int64)]
-        logits = self.model.compute_logits(hidden)
-        if grammar_bitmask_fn is not None:
-            grammar_bitmask_fn(logits, sample_requests)
-        output = self.sampler(logits, sampling)
-        self._last_sampled = (output.token_ids, {r.request_id: i for i, r in enumerate(sample_requests)})
-        return PendingStep(sample_requests, output)
+        return LaunchedForward(sample_requests, self.model.compute_logits(hidden))
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small host list on the device without waiting for the device: a copy from pageable memory would
-        first wait for everything queued before it (the step in flight), so it goes through pinned memory."""
-        tensor = torch.tensor(values, dtype=dtype)
+    @torch.inference_mode()
+    def sample(self, launched: LaunchedForward, grammar_bitmask_fn=None) -> PendingStep:
+        """Queue the sampling of a launched forward. Its metadata (penalties' token history, min_tokens, the
+        grammar's bitmask) is read now, so an engine may first process the tokens of the step before it."""
+        requests = launched.requests
+        if not requests:
+            self._last_sampled = None
+            return PendingStep([], None)
+        sampling = self._sampling_metadata(requests)
+        if grammar_bitmask_fn is not None:
+            grammar_bitmask_fn(launched.logits, requests)
+        output = self.sampler(launched.logits, sampling)
+        self._last_sampled = (output.token_ids, {r.request_id: i for i, r in enumerate(requests)})
+        return PendingStep(requests, output)
+
+    def _to_device(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Host values (a list or a numpy array) on the device without waiting for the device: a copy from pageable
+        memory would first wait for everything queued before it (the step in flight), so it goes through pinned
+        memory."""
+        tensor = torch.from_numpy(values) if dtype is None else torch.tensor(values, dtype=dtype)
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
@@ -320,8 +340,8 @@ class ModelRunner:
             meta.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
             meta.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
             prompt_ids, output_ids = self.token_history.padded(requests)
-            meta.prompt_token_ids = torch.from_numpy(prompt_ids).to(dev)
-            meta.output_token_ids = torch.from_numpy(output_ids).to(dev)
+            meta.prompt_token_ids = self._to_device(prompt_ids)
+            meta.output_token_ids = self._to_device(output_ids)
         for row, (request, p) in enumerate(zip(requests, params)):
             # min_tokens bans the stop tokens; a grammar decides for itself when output may end.
             if request.num_output_tokens + request.num_in_flight < p.min_tokens and p.structured_outputs is None:
