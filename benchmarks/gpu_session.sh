@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
-#   structured attention profile (host/GPU split of a decode step, and its kernels)
+#   structured attention profile (host/GPU split of a decode step) kernels (its kernels, eager)
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -21,7 +21,7 @@ stage() {
     timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -5 ;;
   small)
     timeout 300 python3 -m pagedllm.cli bench throughput --model benchmarks/configs/qwen3-0.6b --load-format dummy --compare-hf \
-      --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -14
+      --hf-num-requests 16 --output-json "$OUT/qwen3_0.6b.json" 2>&1 | tee "$OUT/qwen3_0.6b.log" | grep -v "it/s\]" | tail -14
     timeout 150 python3 benchmarks/bench_sharing.py prefix --model benchmarks/configs/qwen3-0.6b --load-format dummy \
       --num-prompts 256 --output-len 64 --max-model-len 4096 2>&1 | tee "$OUT/prefix.log" | grep -v INFO | tail -3 ;;
   large)
@@ -53,10 +53,13 @@ stage() {
     timeout 200 python3 benchmarks/bench_attention.py --heads 32 --kv-heads 8 --head-dim 128 2>&1 \
       | tee "$OUT/attention_8b.log" | tail -14 ;;
   profile)
-    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 2>&1 | tail -1
-    python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1
+    for flag in --async-scheduling --no-async-scheduling; do
+      timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 $flag 2>&1 | tail -1
+    done
+    timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
+  kernels)
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
-      --prompt-len 512 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;
+      --prompt-len 512 --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;
   *) echo "unknown stage $1"; return 1 ;;
   esac
 }

@@ -1,5 +1,8 @@
 """One sampler for the whole batch, on the model's device: penalties, temperature, min_p, top_k, top_p, seeds,
-min_tokens, and top-k logprobs of the raw model output. No Python loop over requests except one per seeded row."""
+min_tokens, and top-k logprobs of the raw model output. No Python loop over requests except one per seeded row.
+
+On CUDA, given per-row seeds, the draw itself (temperature, softmax, random choice, greedy argmax) is one fused
+Triton kernel (triton_sample.py); elsewhere it is torch code: inverse-CDF sampling with torch generators."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,6 +27,9 @@ class SamplingMetadata:
     banned_token_ids: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) for min_tokens
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> the request's own generator
     max_num_logprobs: int | None = None  # the largest logprobs asked for in the batch
+    # int64 [B] on the logits' device: this step's per-row Philox seed; set by the runner on CUDA, where the fused
+    # kernel samples (generators are then unused)
+    seeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,14 +95,22 @@ class Sampler:
         self.default_generator = default_generator
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        fused = logits.is_cuda and meta.seeds is not None
+        filtered = not meta.all_greedy and (meta.min_p is not None or meta.top_k is not None
+                                            or meta.top_p is not None)
+        if not fused or filtered or meta.banned_token_ids or meta.repetition_penalty is not None:
+            logits = logits.float()
+        if fused:
+            from pagedllm.sampling.triton_sample import gumbel_sample  # triton is imported on the CUDA path only
+        raw_logprobs = logits.float().log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         for row, token_ids in meta.banned_token_ids:
             logits[row, token_ids] = float("-inf")
         if meta.repetition_penalty is not None:
             logits = apply_penalties(logits, meta)
         if meta.all_greedy:
             tokens = logits.argmax(dim=-1)
+        elif fused and not filtered:
+            tokens = gumbel_sample(logits, meta.temperature, meta.greedy, meta.seeds)
         else:
             greedy_tokens = logits.argmax(dim=-1) if meta.any_greedy else None
             logits = logits / meta.temperature[:, None]
@@ -104,7 +118,10 @@ class Sampler:
                 logits = apply_min_p(logits, meta.min_p)
             if meta.top_k is not None or meta.top_p is not None:
                 logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-            tokens = random_sample(logits.softmax(dim=-1), meta.generators, self.default_generator)
+            if fused:
+                tokens = gumbel_sample(logits, torch.ones_like(meta.temperature), meta.greedy, meta.seeds)
+            else:
+                tokens = random_sample(logits.softmax(dim=-1), meta.generators, self.default_generator)
             if greedy_tokens is not None:
                 tokens = torch.where(meta.greedy, greedy_tokens, tokens)
         output = SamplerOutput(token_ids=tokens)

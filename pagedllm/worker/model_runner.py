@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from pagedllm.core.request import Request
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.model.registry import get_model_class
 from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.sampling.seeds import mix_seed
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagedllm.worker.input_batch import InputBuffers, StepInputs, slots_of
 from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
@@ -96,6 +98,7 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.args.seed))
         # the previous launch's sampled ids on the device, and each request's row in them (async scheduling)
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+        self._step_seeds = random.Random(config.args.seed)  # the fused sampler's per-step seed (CUDA)
 
     # -- startup ---------------------------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -220,16 +223,6 @@ class ModelRunner:
 
     # -- one step --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
-                grammar_bitmask_fn=None) -> RunnerOutput:
-        return self.launch(sched, block_tables, grammar_bitmask_fn).result()
-
-    def launch(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
-               grammar_bitmask_fn=None) -> PendingStep:
-        """Queue the step (forward and sampling) on the device without waiting for it."""
-        return self.sample(self.forward(sched, block_tables), grammar_bitmask_fn)
-
-    @torch.inference_mode()
     def forward(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> LaunchedForward:
         """Queue the step's forward pass and logits. A decode whose input token was sampled by the previous launch
         and is not yet on the host (async scheduling) reads it from that launch's output on the device."""
@@ -342,14 +335,21 @@ class ModelRunner:
             prompt_ids, output_ids = self.token_history.padded(requests)
             meta.prompt_token_ids = self._to_device(prompt_ids)
             meta.output_token_ids = self._to_device(output_ids)
+        # On CUDA the draw is one fused kernel keyed by a seed per row: a seeded request's seed mixed with its
+        # output position (so its tokens do not depend on the batch), the others this step's seed plus the row.
+        seeds = [] if self.device.type == "cuda" and not meta.all_greedy else None
+        step_seed = self._step_seeds.getrandbits(62) if seeds is not None else 0
         for row, (request, p) in enumerate(zip(requests, params)):
+            if seeds is not None:
+                seeds.append(step_seed + row if p.seed is None else
+                             mix_seed(p.seed, request.num_output_tokens + request.num_in_flight))
             # min_tokens bans the stop tokens; a grammar decides for itself when output may end.
             if request.num_output_tokens + request.num_in_flight < p.min_tokens and p.structured_outputs is None:
                 stoppers = (*(() if p.ignore_eos else request.eos_token_ids), *p.stop_token_ids)
                 banned = [t for t in stoppers if t < self.vocab_size]
                 if banned:
                     meta.banned_token_ids.append((row, banned))
-            if p.seed is not None and not p.greedy:
+            if p.seed is not None and not p.greedy and seeds is None:
                 generator = self.generators.get(request.request_id)
                 if generator is None:
                     generator = torch.Generator(device=dev).manual_seed(p.seed)
@@ -357,4 +357,6 @@ class ModelRunner:
                 meta.generators[row] = generator
             if p.logprobs is not None:
                 meta.max_num_logprobs = max(meta.max_num_logprobs or 0, p.logprobs)
+        if seeds is not None:
+            meta.seeds = self._to_device(seeds, torch.int64)
         return meta
