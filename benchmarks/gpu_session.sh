@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
-#   structured attention profile (host/GPU split of a decode step) kernels (its kernels, eager)
+#   structured structured-8b attention profile (host/GPU split of a decode step) kernels (its kernels, eager)
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -47,6 +47,9 @@ stage() {
     timeout 300 python3 benchmarks/bench_structured.py --tokenizer $QWEN_TOK --model benchmarks/configs/qwen3-0.6b \
       --load-format dummy --output-json "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log" | grep -v INFO \
       | tail -14 ;;
+  structured-8b)  # the same with Qwen3-8B's step (its forward pass is long enough to hide the bitmask's fill)
+    timeout 300 python3 benchmarks/bench_structured.py --tokenizer $QWEN_TOK --model benchmarks/configs/qwen3-8b \
+      --load-format dummy 2>&1 | tee "$OUT/structured_8b.log" | grep -v INFO | tail -14 ;;
   attention)  # decode/prefill kernels at Qwen3-0.6B's and Qwen3-8B's head shapes, with a sweep of tile configs
     timeout 200 python3 benchmarks/bench_attention.py --tune --heads 16 --kv-heads 8 --head-dim 128 2>&1 \
       | tee "$OUT/attention_0.6b.log" | tail -30

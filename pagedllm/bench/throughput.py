@@ -138,7 +138,8 @@ def compare_hf(args, workload: Workload, device) -> dict:
                                            max_model_len=args.max_model_len), model_cfg).dtype
     if args.load_format == "dummy":
         config = AutoConfig.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        with torch.device(device):  # random init on the GPU: an 8B model's on the CPU takes minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     model.eval()
@@ -183,6 +184,7 @@ def _free(device) -> None:
     import gc
 
     import torch
+    gc.unfreeze()  # the engine froze its startup heap (LLMEngine): let the cycles of a finished engine go
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
