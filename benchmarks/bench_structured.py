@@ -166,7 +166,6 @@ def bench_compile(tokenizer, vocab_size: int) -> dict:
 
 def measure_model_step(args: argparse.Namespace, batch: int) -> float:
     """Milliseconds per decode step of `batch` free requests (two lengths, so that the prefill cancels)."""
-    from pagedllm import LLM
     llm = _llm(args)
     prompts = [{"prompt_token_ids": [100 + i + j for j in range(32)]} for i in range(batch)]
     short, long_ = 16, 16 + args.model_steps
@@ -233,7 +232,6 @@ def _llm(args: argparse.Namespace):
 def _model_with_tokenizer(model: str, tokenizer: str) -> str:
     """A temporary directory holding the model's files and the tokenizer's beside them (a config-only directory
     from benchmarks/configs/ has no tokenizer of its own)."""
-    import shutil
     import tempfile
     directory = Path(tempfile.mkdtemp(prefix="bench_structured_"))
     for source in (Path(model), Path(tokenizer)):

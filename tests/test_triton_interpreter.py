@@ -7,16 +7,10 @@ interpreter is unavailable.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from tests.interpreter_harness import child_main, run_checks
 
-REPO = Path(__file__).resolve().parents[1]
-SKIP_CODE = 77  # the child's "interpreter unusable here" exit status
 REL_TOL = 1e-5  # fp32 everywhere (the interpreter's dots are numpy fp32)
 
 
@@ -110,42 +104,9 @@ def _ops_checks(emit) -> None:
     emit("silu_and_mul", rel=_rel(silu_and_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:]))
 
 
-def _child() -> int:
-    try:
-        import torch
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _smoke(x_ptr, BLOCK: tl.constexpr):
-            offs = tl.arange(0, BLOCK)
-            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1.0)
-
-        probe = torch.zeros(16)
-        _smoke[(1,)](probe, BLOCK=16)
-        if not bool((probe == 1).all()):
-            raise RuntimeError("interpreter smoke kernel gave a wrong result")
-    except Exception as exc:  # the interpreter itself is unusable: the parent skips
-        print(json.dumps({"skip": f"{type(exc).__name__}: {exc}"}), flush=True)
-        return SKIP_CODE
-
-    def emit(name: str, **fields) -> None:
-        print(json.dumps({"name": name, **fields}), flush=True)
-
-    _attention_checks(emit)
-    _ops_checks(emit)
-    return 0
-
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == SKIP_CODE:
-        pytest.skip(f"Triton interpreter unavailable: {lines[0]['skip'] if lines else proc.stderr[-300:]}")
-    assert proc.returncode == 0, f"interpreter checks crashed:\n{proc.stderr[-3000:]}"
+    lines = run_checks(__file__)
     failures = []
     for rec in lines:
         if "rel" in rec and not rec["rel"] <= REL_TOL:  # NaN fails too
@@ -157,4 +118,4 @@ def test_triton_kernels_in_interpreter():
 
 
 if __name__ == "__main__":
-    sys.exit(_child())
+    sys.exit(child_main(_attention_checks, _ops_checks))

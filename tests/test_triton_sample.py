@@ -8,19 +8,14 @@ executed as a script, prints one JSON line per check; the tests read them (as in
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedllm.sampling.sampler import Sampler, SamplingMetadata, random_sample
+from tests.interpreter_harness import child_main, run_checks
 
-REPO = Path(__file__).resolve().parents[1]
-SKIP_CODE = 77  # the child's "interpreter unusable here" exit status
 CHI2_LIMIT = 30.0  # 7 degrees of freedom: p < 1e-4 (the seeds are fixed, so the statistic is too)
 DIST_LOGITS = [1.0, 0.5, 0.0, -0.5, 0.8, -1.0, 0.2, -0.2]
 DIST_TEMPERATURE = 0.8
@@ -93,41 +88,10 @@ def _kernel_checks(emit) -> None:
     emit("temperature", cold=sample(steps, 0.05, seed_base=21), hot=sample(steps, 10.0, seed_base=22))
 
 
-def _child() -> int:
-    try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _smoke(x_ptr, BLOCK: tl.constexpr):
-            offs = tl.arange(0, BLOCK)
-            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1.0)
-
-        probe = torch.zeros(16)
-        _smoke[(1,)](probe, BLOCK=16)
-        if not bool((probe == 1).all()):
-            raise RuntimeError("interpreter smoke kernel gave a wrong result")
-    except Exception as exc:  # the interpreter itself is unusable: the parent skips
-        print(json.dumps({"skip": f"{type(exc).__name__}: {exc}"}), flush=True)
-        return SKIP_CODE
-
-    def emit(name: str, **fields) -> None:
-        print(json.dumps({"name": name, **fields}), flush=True)
-
-    _kernel_checks(emit)
-    return 0
-
 
 @pytest.fixture(scope="module")
 def checks() -> dict[str, dict]:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == SKIP_CODE:
-        pytest.skip(f"Triton interpreter unavailable: {lines[0]['skip'] if lines else proc.stderr[-300:]}")
-    assert proc.returncode == 0, f"interpreter checks crashed:\n{proc.stderr[-3000:]}"
+    lines = run_checks(__file__)
     return {rec["name"]: rec for rec in lines}
 
 
@@ -219,4 +183,4 @@ def test_sampler_without_seeds_keeps_the_torch_path():
 
 
 if __name__ == "__main__":
-    sys.exit(_child())
+    sys.exit(child_main(_kernel_checks))
