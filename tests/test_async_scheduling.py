@@ -120,3 +120,24 @@ def test_abort_while_in_flight_frees_blocks(tiny_llama):
 
 def test_async_is_off_on_the_cpu_by_default(tiny_llama):
     assert LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True).llm_engine.async_scheduling is False
+
+
+def test_swap_out_in_a_step_that_computes_nothing(tiny_llama):
+    """Finished requests give their blocks back one step late, so a lone running request can be preempted by its
+    own next block: the step schedules nothing, and its swap-out must still happen."""
+    prompts = random_prompts(10, min_len=20, max_len=50, seed=19)
+    reference = hf_greedy(tiny_llama, prompts, 20)
+    llm = _llm(tiny_llama, True, block_size=8, kv_cache_memory=12 * llm_block_bytes(None, 8),
+               preemption_mode="swap", swap_space=0.01, enable_prefix_caching=False)
+    schedule, empty_swaps = llm.llm_engine.scheduler.schedule, []
+
+    def spy():
+        out = schedule()
+        if out.is_empty and out.blocks_to_swap_out:
+            empty_swaps.append(out)
+        return out
+    llm.llm_engine.scheduler.schedule = spy
+    outputs = _run(llm, prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert [tokens for tokens, _, _ in outputs] == reference
+    assert empty_swaps, "no step swapped out without computing anything"
+    assert all_blocks_free(llm) and not llm.llm_engine.kv_cache.host_tables

@@ -406,6 +406,7 @@ class LLMEngine:
             return failed + self._process(in_flight.result())  # drain: the next step needs every token known
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.runner.prepare(sched)  # a swap-out or a finished request's state must not be lost
             return failed + (self._process(in_flight.result()) if in_flight is not None else [])
         now = time.time()
         for request in sched.requests:

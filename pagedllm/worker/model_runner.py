@@ -202,6 +202,14 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.buffers, self.config.args.max_num_seqs)
             self.graphs.capture()
 
+    def prepare(self, sched: SchedulerOutput) -> None:
+        """What a step does before its forward pass, also for a step that computes nothing (every running request
+        preempted): forget finished requests, move blocks."""
+        for request_id in sched.finished_request_ids:
+            self.generators.pop(request_id, None)
+            self.token_history.forget(request_id)
+        self.move_blocks(sched)
+
     def move_blocks(self, sched: SchedulerOutput) -> None:
         """Swaps out, then swaps in, then copy-on-write copies: all before the step's forward writes anything."""
         if sched.blocks_to_swap_out:
@@ -226,10 +234,7 @@ class ModelRunner:
     def forward(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> LaunchedForward:
         """Queue the step's forward pass and logits. A decode whose input token was sampled by the previous launch
         and is not yet on the host (async scheduling) reads it from that launch's output on the device."""
-        for request_id in sched.finished_request_ids:
-            self.generators.pop(request_id, None)
-            self.token_history.forget(request_id)
-        self.move_blocks(sched)
+        self.prepare(sched)
         step, sample_requests, sample_rows = self._build_step(sched, block_tables)
         num_seqs = len(step.seq_lens)
         padded = self._decode_batch_size(step)
