@@ -40,7 +40,8 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swap preemption
     # Launch each step before the previous one's tokens reach the host, so that the host's work overlaps the
-    # device's. None: on for CUDA, off on the CPU (where nothing runs asynchronously, so it only adds a step).
+    # device's. None: the environment's PAGEDLLM_ASYNC_SCHEDULING (1 or 0) if set, else on for CUDA and off on the
+    # CPU (where nothing runs asynchronously, so it only adds a step).
     async_scheduling: bool | None = None
     hf_config: dict | None = field(default=None, repr=False)  # a config dict given directly (dummy weights)
 
@@ -167,7 +168,16 @@ class EngineConfig:
         max_batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         return cls(args=args, model=model, device=device, dtype=dtype, max_model_len=max_model_len,
                    max_num_batched_tokens=max_batched, block_size=args.block_size,
-                   async_scheduling=device.type == "cuda" if args.async_scheduling is None else args.async_scheduling)
+                   async_scheduling=_pick_async_scheduling(args.async_scheduling, device))
+
+
+def _pick_async_scheduling(asked: bool | None, device: torch.device) -> bool:
+    if asked is not None:
+        return asked
+    env = os.environ.get("PAGEDLLM_ASYNC_SCHEDULING", "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"PAGEDLLM_ASYNC_SCHEDULING must be 1 or 0, got {env!r}.")
+    return env == "1" if env else device.type == "cuda"
 
 
 def _pick_device(name: str) -> torch.device:

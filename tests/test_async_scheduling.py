@@ -1,11 +1,18 @@
 """Async scheduling (each step launched before the previous one's tokens are on the host): the same outputs as
 stepping synchronously, under batching, chunked prefill, preemption (recompute and swap), stops of every kind and
 aborts, with every block given back. On the CPU nothing overlaps, but the bookkeeping is the same as on CUDA."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
 from tests.conftest import all_blocks_free, hf_greedy, random_prompts
 from tests.test_invariance import llm_block_bytes
+
+TESTS = Path(__file__).resolve().parent
 
 
 def _llm(path, async_scheduling: bool, **kwargs) -> LLM:
@@ -118,8 +125,29 @@ def test_abort_while_in_flight_frees_blocks(tiny_llama):
     assert all_blocks_free(llm)
 
 
-def test_async_is_off_on_the_cpu_by_default(tiny_llama):
+def test_async_is_off_on_the_cpu_by_default(tiny_llama, monkeypatch):
+    monkeypatch.delenv("PAGEDLLM_ASYNC_SCHEDULING", raising=False)
     assert LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True).llm_engine.async_scheduling is False
+    monkeypatch.setenv("PAGEDLLM_ASYNC_SCHEDULING", "1")
+    assert LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True).llm_engine.async_scheduling is True
+    with pytest.raises(ValueError, match="PAGEDLLM_ASYNC_SCHEDULING"):
+        monkeypatch.setenv("PAGEDLLM_ASYNC_SCHEDULING", "yes")
+        LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True)
+
+
+def test_engine_suites_pass_with_async_scheduling():
+    """The engine's and the server's own test files, again with async scheduling on (PAGEDLLM_ASYNC_SCHEDULING=1):
+    every invariance, sharing, sampling, beam-search, structured-output and HTTP test holds for it too."""
+    files = ["test_invariance.py", "test_kv_sharing.py", "test_llm_api.py", "test_sampling.py", "test_beam_search.py",
+             "test_structured_output_llm.py", "test_structured_engine.py", "test_async_engine.py",
+             "test_server_completions.py", "test_server_chat.py", "test_server_structured.py",
+             "test_server_metrics.py", "test_server_errors.py"]
+    env = dict(os.environ, PAGEDLLM_ASYNC_SCHEDULING="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           *(str(TESTS / f) for f in files)], env=env, cwd=TESTS.parent, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
 
 
 def test_swap_out_in_a_step_that_computes_nothing(tiny_llama):
