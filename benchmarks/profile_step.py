@@ -1,5 +1,6 @@
 """Where a decode step's time goes: host time of scheduling, launching the forward pass, sampling (metadata and
-launch) and output processing (which waits for the step's tokens), and the graph's device time (CUDA events). On a CUDA machine:
+launch) and output processing (which waits for the step's tokens), and the graph's device time (CUDA events).
+On a CUDA machine:
 
     python benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 [--no-async-scheduling]
 """

@@ -70,9 +70,12 @@ class KVCacheManager:
         """Register the blocks whose every token now has its K/V computed."""
         if not self.enable_prefix_caching:
             return
-        table = self.block_tables.get(request.request_id)
         # only tokens whose ids are known: a token in flight (async scheduling) has its K/V but not yet its key
-        num_full = min(min(request.num_computed_tokens, request.num_tokens) // self.block_size, len(table or ()))
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full <= request.num_registered_blocks:  # most decode steps fill no block
+            return
+        table = self.block_tables.get(request.request_id)
+        num_full = min(num_full, len(table or ()))
         if num_full <= request.num_registered_blocks:
             return
         request.num_registered_blocks = num_full

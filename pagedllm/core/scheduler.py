@@ -168,10 +168,6 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_after_step(self, output: SchedulerOutput) -> None:
-        caching, block_size = self.kv_cache.enable_prefix_caching, self.kv_cache.block_size
         for request, num_new in zip(output.requests, output.num_new_tokens):
             request.num_computed_tokens += num_new
-            # most decode steps fill no block: skip the call (it checks the same, with more work)
-            known = min(request.num_computed_tokens, request.num_tokens)
-            if caching and known // block_size > request.num_registered_blocks:
-                self.kv_cache.cache_full_blocks(request)
+            self.kv_cache.cache_full_blocks(request)

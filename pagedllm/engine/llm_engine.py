@@ -135,9 +135,9 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}
         self._arrivals = itertools.count()
-        self._compiling: list[Request] = []
+        self._compiling: list[Request] = []  # structured-output requests whose grammar is still compiling
         self._beam_groups: dict[str, _BeamGroup] = {}  # by user request id
-        self._beam_of: dict[str, _BeamGroup] = {}  # by beam sequence id  # structured-output requests whose grammar is still compiling
+        self._beam_of: dict[str, _BeamGroup] = {}  # by beam sequence id
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         tokens = num_blocks * self.config.block_size
