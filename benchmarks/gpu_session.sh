@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
-#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large serve
+#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) kernels (its kernels, eager)
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
@@ -30,6 +30,11 @@ stage() {
       --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -14
     timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
       --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tail -3 ;;
+  trace)  # where the reference workload's time goes, by phase against its bound (no HF, no latency run)
+    for m in qwen3-0.6b qwen3-8b; do
+      timeout 150 python3 -m pagedllm.cli bench throughput --model benchmarks/configs/$m --load-format dummy --step-trace \
+        --output-json "$OUT/trace_$m.json" 2>&1 | tee "$OUT/trace_$m.log" | grep -v "it/s\]" | tail -16
+    done ;;
   serve)
     python3 -m pagedllm.cli serve benchmarks/configs/qwen3-0.6b --load-format dummy --tokenizer $QWEN_TOK \
       --served-model-name qwen3-0.6b --port 8011 --log-level warning > "$OUT/server.log" 2>&1 &

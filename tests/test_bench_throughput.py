@@ -20,7 +20,7 @@ def test_bench_throughput_reports_waste_and_hf_ratios(tiny_llama, tmp_path):
          "--device", "cpu", "--max-model-len", "256", "--num-requests", "6", "--min-input-len", "5",
          "--max-input-len", "40", "--min-output-len", "4", "--max-output-len", "12", "--vocab-limit", "500",
          "--bandwidth", "1e10", "--matmul-flops", "1e11", "--compare-hf", "--hf-num-requests", "3",
-         "--hf-batch-size", "3", "--output-json", str(out)],
+         "--hf-batch-size", "3", "--step-trace", "--output-json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -31,4 +31,9 @@ def test_bench_throughput_reports_waste_and_hf_ratios(tiny_llama, tmp_path):
     assert 0 < figures["kv_fragmentation"] < figures["kv_waste_if_contiguous"] < 1
     assert figures["hf_requests"] == 3 and figures["hf_generate_tok_s"] > 0
     assert figures["hf_generate_ratio"] == figures["output_tok_s"] / figures["hf_generate_tok_s"]
+    phases = figures["phases"]  # every decode token but each request's first (its prefill's) is in a decode step
+    assert phases[0]["phase"] == "with prefill" and all(p["phase"].startswith("decode batch") for p in phases[1:])
+    assert sum(p["tokens"] for p in phases) == expected.total_output_tokens - 6
+    assert abs(sum(p["seconds"] for p in phases) - figures["seconds"]) < 0.05 * figures["seconds"]
+    assert all(0 < p["bound_seconds"] for p in phases) and "bound ms/step" in result.stdout
     assert "KV waste:" in result.stdout and "HF generate (padded batches, 3 requests)" in result.stdout

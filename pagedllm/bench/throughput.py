@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s ceiling (default: measured)")
     parser.add_argument("--matmul-flops", type=float, default=None, help="flop/s ceiling (default: measured)")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="also print where the time went: steps by phase, each against its bound")
     parser.add_argument("--output-json", default=None)
     add_engine_args(parser)
     parser.set_defaults(func=run, max_model_len=4096)
@@ -75,6 +77,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
 
     from pagedllm import LLM, SamplingParams
     from pagedllm.bench.roofline import Ceilings, measure_ceilings, workload_bound_seconds
+    from pagedllm.bench.step_trace import StepTrace
 
     kwargs = engine_kwargs(args)
     has_tokenizer = os.path.isfile(os.path.join(args.model, "tokenizer_config.json")) or args.tokenizer
@@ -91,11 +94,17 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
     warm = [{"prompt_token_ids": [1, 2, 3]}] + [{"prompt_token_ids": p[::-1]} for p in workload.prompts[:8]]
     llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    trace = None
+    if args.step_trace:
+        trace = StepTrace()
+        trace.attach(engine.scheduler)
     _sync(engine)
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=True)
     _sync(engine)
     elapsed = time.perf_counter() - start
+    if trace is not None:
+        trace.end = start + elapsed
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == workload.total_output_tokens, (generated, workload.total_output_tokens)
     device = engine.config.device
@@ -111,6 +120,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
         preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
+    if trace is not None:
+        result["phases"] = trace.phases(engine.config.model, ceilings, dtype_bytes)
     stats = engine.get_stats()
     result.update(kv_fragmentation=stats.kv_fragmentation, kv_waste_if_contiguous=stats.kv_waste_if_contiguous)
     return result, workload, device
@@ -212,6 +223,9 @@ def format_result(r: dict) -> str:
              f"efficiency {100 * r['efficiency']:.1f}%; preemptions {r['preemptions']}",
              f"KV waste: {100 * r['kv_fragmentation']:.1f}% of allocated slots empty (mean over steps); contiguous "
              f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
+    if r.get("phases"):
+        from pagedllm.bench.step_trace import format_phases
+        lines.append(format_phases(r["phases"]))
     return "\n".join(lines)
 
 
