@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
-#   structured structured-8b attention profile (host/GPU split of a decode step) kernels (its kernels, eager)
+#   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
+#   (its kernels, eager)
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -65,6 +66,11 @@ stage() {
       timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 $flag 2>&1 | tail -1
     done
     timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
+  profile-workload)  # the same at batch 256 on the reference workload's ragged prompts
+    timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload 2>&1 \
+      | tail -1
+    timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload \
+      --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_workload_0.6b.log" | tail -26 ;;
   kernels)
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
       --prompt-len 512 --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;

@@ -9,12 +9,15 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.bench.throughput import make_workload
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
 parser.add_argument("--load-format", default="dummy")
 parser.add_argument("--batch", type=int, default=256)
 parser.add_argument("--prompt-len", type=int, default=512)
+parser.add_argument("--workload", action="store_true",
+                    help="the reference workload's first --batch prompts (100-1024 tokens) instead of --prompt-len each")
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--top", type=int, default=20)
 parser.add_argument("--max-model-len", type=int, default=4096)
@@ -24,8 +27,10 @@ llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, ma
           enforce_eager=True)
 engine = llm.llm_engine
 vocab = engine.config.model.vocab_size
-for i in range(args.batch):
-    engine.add_request(str(i), [(i * 31 + j) % (vocab - 3) + 3 for j in range(args.prompt_len)],
+prompts = make_workload().prompts[:args.batch] if args.workload else \
+    [[(i * 31 + j) % (vocab - 3) + 3 for j in range(args.prompt_len)] for i in range(args.batch)]
+for i, prompt in enumerate(prompts):
+    engine.add_request(str(i), prompt,
                        SamplingParams(temperature=0.6, max_tokens=args.max_model_len - args.prompt_len, ignore_eos=True))
 while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
     engine.step()
@@ -42,5 +47,6 @@ with profile(activities=activities) as prof:
         engine.step()
 sort = "cuda_time_total" if cuda else "cpu_time_total"
 print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
-print(f"decode step at batch {args.batch}, context {args.prompt_len}+: {1e3 * wall:.2f} ms wall per step "
+context = "the workload's prompts" if args.workload else args.prompt_len
+print(f"decode step at batch {args.batch}, context {context}+: {1e3 * wall:.2f} ms wall per step "
       f"(eager, unprofiled)")

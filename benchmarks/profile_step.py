@@ -11,11 +11,14 @@ import time
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.bench.throughput import make_workload
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
 parser.add_argument("--batch", type=int, default=256)
 parser.add_argument("--prompt-len", type=int, default=512)
+parser.add_argument("--workload", action="store_true",
+                    help="the reference workload's first --batch prompts (100-1024 tokens) instead of --prompt-len each")
 parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
 args = parser.parse_args()
@@ -23,8 +26,10 @@ args = parser.parse_args()
 llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
           async_scheduling=args.async_scheduling)
 engine = llm.llm_engine
-for i in range(args.batch):
-    engine.add_request(str(i), [(i * 31 + j) % 10000 + 3 for j in range(args.prompt_len)],
+prompts = make_workload().prompts[:args.batch] if args.workload else \
+    [[(i * 31 + j) % 10000 + 3 for j in range(args.prompt_len)] for i in range(args.batch)]
+for i, prompt in enumerate(prompts):
+    engine.add_request(str(i), prompt,
                        SamplingParams(temperature=0.6, max_tokens=10000 - args.prompt_len, ignore_eos=True))
 while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
     engine.step()
@@ -64,6 +69,7 @@ for _ in range(args.steps):
     step()
 torch.cuda.synchronize()
 timings["gpu_forward"] = [start.elapsed_time(end) / 1e3 for start, end in events]
-print(f"decode step at batch {args.batch}, context ~{args.prompt_len}+, async scheduling "
+context = "the workload's prompts" if args.workload else f"~{args.prompt_len}"
+print(f"decode step at batch {args.batch}, context {context}+, async scheduling "
       f"{engine.async_scheduling}: " + ", ".join(
           f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in timings.items() if v))

@@ -36,4 +36,5 @@ def test_bench_throughput_reports_waste_and_hf_ratios(tiny_llama, tmp_path):
     assert sum(p["tokens"] for p in phases) == expected.total_output_tokens - 6
     assert abs(sum(p["seconds"] for p in phases) - figures["seconds"]) < 0.05 * figures["seconds"]
     assert all(0 < p["bound_seconds"] for p in phases) and "bound ms/step" in result.stdout
+    assert figures["first_steps"][0][1] > 0 and "first steps (ms, prefill tokens, decodes)" in result.stdout
     assert "KV waste:" in result.stdout and "HF generate (padded batches, 3 requests)" in result.stdout

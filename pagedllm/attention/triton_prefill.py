@@ -56,7 +56,9 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_row, n0, kv_h
     return acc, m_new, l_i
 
 
-@triton.jit
+# first_seq and num_seqs change from step to step: unspecialised, so that one compiled variant serves every step
+# (Triton would otherwise compile a variant for each of ==1 / divisible by 16 / other, in the middle of a run).
+@triton.jit(do_not_specialize=["first_seq", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     scale_log2,
@@ -72,7 +74,7 @@ def _prefill_kernel(
 
     # Find the sequence whose tile slots contain this slot: the last i with first_slot(i) <= slot.
     base_slot = tl.load(query_start_loc_ptr + first_seq) // BLOCK_M
-    lo = tl.full([], 0, tl.int32) + first_seq  # a tensor even when Triton specialises the argument to 1
+    lo = tl.full([], 0, tl.int32) + first_seq
     hi = tl.full([], 0, tl.int32) + num_seqs
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -38,6 +38,12 @@ class StepTrace:
 
         scheduler.schedule = traced
 
+    def first_steps(self, count: int = 24) -> list[list]:
+        """[milliseconds, prefill tokens, decodes] of the first steps (where compilation or a slow prefill shows)."""
+        ends = [s.start for s in self.steps[1:]] + [self.end]
+        return [[round((end - s.start) * 1e3, 2), s.prefill_tokens, s.num_decodes]
+                for s, end in zip(self.steps[:count], ends)]
+
     def phases(self, cfg: ModelConfig, ceilings: Ceilings, dtype_bytes: int) -> list[dict]:
         """Steps grouped by kind (with prefill; decode-only by batch size): steps, seconds, bound seconds."""
         weight_bytes, flops_per_token, kv_per_token = model_sizes(cfg, dtype_bytes)
@@ -75,8 +81,12 @@ def _bucket(n: int) -> str:
     return name
 
 
-def format_phases(phases: list[dict]) -> str:
-    lines = ["phase            steps  seconds  bound s  efficiency  ms/step  bound ms/step"]
+def format_phases(phases: list[dict], first_steps: list[list] = ()) -> str:
+    lines = []
+    if first_steps:
+        lines.append("first steps (ms, prefill tokens, decodes): " + " ".join(f"{ms:g}/{p}/{d}" for ms, p, d in
+                                                                             first_steps))
+    lines += ["phase            steps  seconds  bound s  efficiency  ms/step  bound ms/step"]
     for p in phases:
         lines.append(f"{p['phase']:<16} {p['steps']:>5}  {p['seconds']:>7.3f}  {p['bound_seconds']:>7.3f}  "
                      f"{100 * p['bound_seconds'] / max(p['seconds'], 1e-9):>9.1f}%  "

@@ -122,6 +122,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
         preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
     if trace is not None:
         result["phases"] = trace.phases(engine.config.model, ceilings, dtype_bytes)
+        result["first_steps"] = trace.first_steps()
     stats = engine.get_stats()
     result.update(kv_fragmentation=stats.kv_fragmentation, kv_waste_if_contiguous=stats.kv_waste_if_contiguous)
     return result, workload, device
@@ -225,7 +226,7 @@ def format_result(r: dict) -> str:
              f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
     if r.get("phases"):
         from pagedllm.bench.step_trace import format_phases
-        lines.append(format_phases(r["phases"]))
+        lines.append(format_phases(r["phases"], r.get("first_steps", ())))
     return "\n".join(lines)
 
 

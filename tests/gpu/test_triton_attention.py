@@ -228,3 +228,23 @@ def test_bad_inputs_raise_value_error():
         backend.write_kv(batch.k_new[..., :32], batch.v_new[..., :32], batch.kv_cache, batch.meta.slot_mapping)
     with pytest.raises(ValueError, match="slot_mapping"):
         backend.write_kv(batch.k_new, batch.v_new, batch.kv_cache, batch.meta.slot_mapping[:2])
+
+
+def test_prefill_compiles_once_for_any_batch_composition():
+    """The number of decodes before the prefills (first_seq) and of sequences changes every step: one compiled
+    variant must serve them all (a new one mid-run costs a compilation, about a second, inside a step)."""
+    from pagedllm.attention.triton_prefill import _prefill_kernel
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for caches in _prefill_kernel.device_caches.values())
+
+    before, counts = compiled(), []
+    for num_decodes, num_prefills in [(0, 1), (1, 1), (0, 16), (16, 16), (3, 5), (32, 1), (1, 15), (17, 2)]:
+        lens = [(1, rng.randint(1, 300)) for _ in range(num_decodes)]
+        lens += [(q, q + rng.randint(0, 40)) for q in (rng.randint(2, 200) for _ in range(num_prefills))]
+        batch = make_paged_batch(lens, num_decodes, 16, 8, 128, 16, torch.bfloat16, "cuda", gen)
+        _check_batch(batch, 128 ** -0.5, f"decodes {num_decodes} prefills {num_prefills}")
+        counts.append(compiled() - before)
+    assert max(counts) <= 1, f"new compiled variants of the prefill kernel after each call: {counts}"
