@@ -68,7 +68,7 @@ def _ops_checks(emit) -> None:
     import torch
     import torch.nn.functional as F
 
-    from pagedllm.layers.triton_ops import rms_norm, rotary_embedding, silu_and_mul
+    from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
 
     gen = torch.Generator().manual_seed(99)
     x = torch.randn(5, 48, generator=gen)
@@ -81,28 +81,49 @@ def _ops_checks(emit) -> None:
     emit("rms_norm_residual", rel=_rel(out, w * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))))
     emit("rms_norm_new_residual", exact=bool(torch.equal(new_res, s)))
 
-    head_dim, max_pos = 16, 64
-    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    emb = torch.outer(torch.arange(max_pos).float(), inv)
-    emb = torch.cat((emb, emb), -1)
-    cos, sin = emb.cos(), emb.sin()
-    qkv = torch.randn(6, 5 * head_dim, generator=gen)  # q: 3 heads, k: 1 head, v: 1 head; strided views
-    q = qkv[:, :3 * head_dim].view(6, 3, head_dim)
-    k = qkv[:, 3 * head_dim:4 * head_dim].view(6, 1, head_dim)
-    pos = torch.tensor([0, 5, 63, 7, 7, 1])
-
-    def rope_ref(t):
-        c, s_ = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
-        rot = torch.cat((-t[..., head_dim // 2:], t[..., :head_dim // 2]), -1)
-        return t * c + rot * s_
-
-    q_out, k_out = rotary_embedding(pos, q, k, cos, sin)
-    emit("rotary_q", rel=_rel(q_out, rope_ref(q)))
-    emit("rotary_k", rel=_rel(k_out, rope_ref(k)))
+    _qkv_prepare_checks(emit, gen)
 
     gu = torch.randn(3, 2, 2 * 40, generator=gen)
     emit("silu_and_mul", rel=_rel(silu_and_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:]))
 
+
+
+def _qkv_prepare_checks(emit, gen) -> None:
+    """The fused q/k norm + rotary + KV write against the layers' own CPU code (RMSNorm, RotaryEmbedding) and
+    the reference KV write; strided qkv rows; a -1 slot writes nothing."""
+    import torch
+
+    from pagedllm.attention.torch_ref import write_kv_ref
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.rotary import RotaryEmbedding
+    from pagedllm.layers.triton_qkv import qkv_prepare
+
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
+    rope = RotaryEmbedding(head_dim, 64, 10000.0, None)
+    q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
+        k_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width + 5, generator=gen)[:, :width]
+    pos = torch.tensor([0, 5, 63, 7, 7, 1])
+    slots = torch.tensor([3, 17, -1, 0, 30, 9])
+    for with_norm in (True, False):
+        cache = torch.randn(2, 2, 16, kv_heads, head_dim, generator=gen)
+        expected = cache.clone()
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
+        if with_norm:
+            q, k = q_norm(q), k_norm(k)
+        ref_q, ref_k = rope(pos, q, k)
+        live = slots >= 0
+        write_kv_ref(ref_k[live], v.reshape(tokens, kv_heads, head_dim)[live], expected, slots[live])
+        norms = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6) if with_norm else ()
+        out = qkv_prepare(qkv, pos, heads, kv_heads, rope.cos_cache, rope.sin_cache, cache, slots, *norms)
+        label = "qkv_prepare" + ("_qk_norm" if with_norm else "")
+        emit(f"{label}_q", rel=_rel(out, ref_q))
+        emit(f"{label}_cache", rel=_rel(cache, expected))
+        emit(f"{label}_v_exact", exact=bool(torch.equal(cache[1], expected[1])))
 
 
 def test_triton_kernels_in_interpreter():

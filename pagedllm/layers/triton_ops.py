@@ -1,7 +1,7 @@
-"""Fused Triton kernels for the small memory-bound layer ops on the GPU: RMSNorm (+ residual add), rotary
-embedding (rotate-half form, cos/sin cache indexed by position) and SiLU-and-mul.
+"""Fused Triton kernels for the small memory-bound layer ops on the GPU: RMSNorm (+ residual add) and SiLU-and-mul
+(the q/k norms, rotary embedding and KV write are one kernel of their own: triton_qkv.py).
 
-Each matches the torch code it replaces (pagedllm/layers/norm.py, rotary.py, F.silu(gate) * up) including where
+Each matches the torch code it replaces (pagedllm/layers/norm.py, F.silu(gate) * up) including where
 that code rounds to the activation dtype, and takes plain tensors so that the model layers decide when to use it.
 """
 from __future__ import annotations
@@ -62,72 +62,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), new_residual.view(x.shape)
-
-
-@triton.jit
-def _rope_heads(x_ptr, out_ptr, stride_xt, stride_xh, stride_ot, stride_oh, token, num_heads, cos, sin,
-                half, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
-    heads = tl.arange(0, HEADS_PAD)
-    dims = tl.arange(0, HALF_PAD)
-    mask = (heads[:, None] < num_heads) & (dims[None, :] < half)
-    src = x_ptr + token * stride_xt + heads[:, None] * stride_xh + dims[None, :]
-    dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                 stride_cache, num_q_heads, num_k_heads, half,
-                 Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_PAD)
-    # The cache rows are cat(freqs, freqs): the first half holds every distinct angle.
-    cos = tl.load(cos_ptr + pos * stride_cache + dims, mask=dims < half, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cache + dims, mask=dims < half, other=0.0).to(tl.float32)
-    _rope_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, token, num_q_heads, cos, sin,
-                half, Q_HEADS_PAD, HALF_PAD)
-    _rope_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_kot, stride_koh, token, num_k_heads, cos, sin,
-                half, K_HEADS_PAD, HALF_PAD)
-
-
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
-                     sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding. positions [T] (int), q [T, num_heads, head_dim], k [T, num_kv_heads,
-    head_dim] (strided views allowed), cos_cache/sin_cache [max_position, head_dim] laid out as
-    cat(freqs, freqs) (RotaryEmbedding's buffers). Returns new contiguous (q, k); positions are not checked
-    against max_position on the GPU (the caller validates request lengths)."""
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"rotary_embedding: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
-                         "[num_tokens, heads, head_dim] with the same num_tokens and head_dim")
-    num_tokens, head_dim = q.shape[0], q.shape[2]
-    if head_dim % 2 or cos_cache.shape[-1] != head_dim or sin_cache.shape != cos_cache.shape:
-        raise ValueError(f"rotary_embedding: head_dim {head_dim} must be even and match the cos/sin caches "
-                         f"{tuple(cos_cache.shape)} / {tuple(sin_cache.shape)}")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"rotary_embedding: positions {tuple(positions.shape)} must be [{num_tokens}]")
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if k.stride(2) != 1:
-        k = k.contiguous()
-    cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if num_tokens > 0:
-        half = head_dim // 2
-        _rope_kernel[(num_tokens,)](
-            positions, q, k, q_out, k_out, cos_cache, sin_cache,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            cos_cache.stride(0), q.shape[1], k.shape[1], half,
-            Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF_PAD=triton.next_power_of_2(half), num_warps=4,
-        )
-    return q_out, k_out
 
 
 @triton.jit

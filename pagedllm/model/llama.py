@@ -35,8 +35,21 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, head_dim], bound later
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.backend.name == "triton":  # one fused kernel: q/k norms, rotary and the KV write
+            from pagedllm.layers.triton_qkv import qkv_prepare
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+            q = qkv_prepare(qkv, positions, self.num_heads, self.num_kv_heads, self.rotary.cos_cache,
+                            self.rotary.sin_cache, self.kv_cache, meta.slot_mapping, *norms)
+        else:
+            q = self._prepare(qkv, positions, meta)
+        out = self.backend.attend(q, self.kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def _prepare(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q/k norms, rotary and the KV write, one op at a time: returns q [num_tokens, num_heads, head_dim]."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -44,8 +57,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
-        out = self.backend.attend(q, self.kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return q
 
 
 class MLP(nn.Module):

@@ -1,4 +1,4 @@
-"""The fused Triton layer ops (RMSNorm + residual, rotary, SiLU-and-mul) against plain torch code that rounds where
+"""The fused Triton layer ops (RMSNorm + residual, q/k norm + rotary + KV write, SiLU-and-mul) against plain torch code that rounds where
 the CPU path of the layers does (the layers themselves call these kernels on CUDA, so they are no oracle here)."""
 from __future__ import annotations
 
@@ -56,23 +56,48 @@ def test_rms_norm(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (16, 2, 64), (4, 1, 16), (14, 2, 64)])
-def test_rotary(dtype, heads, kv_heads, head_dim):
-    from pagedllm.layers.triton_ops import rotary_embedding
-    gen = torch.Generator().manual_seed(heads + head_dim)
-    rope = RotaryEmbedding(head_dim, max_position=4096, base=10000.0, scaling=None).to("cuda")
-    tokens = 123
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to("cuda", dtype)
-    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
-    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(32, 8, 128, True), (16, 8, 128, True),
+                                                            (32, 8, 128, False), (16, 2, 64, False),
+                                                            (4, 1, 16, True), (14, 2, 64, False), (8, 8, 256, True)])
+def test_qkv_prepare(dtype, heads, kv_heads, head_dim, qk_norm):
+    """The fused q/k norm + rotary + KV write against the unfused torch code, on strided qkv rows, with padding
+    slots (-1) that must write nothing."""
+    from pagedllm.attention.torch_ref import write_kv_ref
+    from pagedllm.layers.triton_qkv import qkv_prepare
+    gen = torch.Generator().manual_seed(heads + head_dim + qk_norm)
+    rope = RotaryEmbedding(head_dim, max_position=4096, base=1e6, scaling=None).to("cuda")
+    tokens, block_size, num_blocks = 123, 16, 20
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width + 8, generator=gen).to("cuda", dtype)[:, :width] * 2  # rows with a stride
     positions = torch.randint(0, 4096, (tokens,), generator=gen).cuda()
     if heads == 14:
         positions = positions.to(torch.int32)  # the runner's buffers may be int32 or int64
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].cuda()
+    slots[::7] = -1
+    q_w = (torch.randn(head_dim, generator=gen) * 0.5 + 1).to("cuda", dtype) if qk_norm else None
+    k_w = (torch.randn(head_dim, generator=gen) * 0.5 + 1).to("cuda", dtype) if qk_norm else None
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to("cuda", dtype)
+    expected = cache.clone()
+
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
+    if qk_norm:
+        q, k = _rms_norm_ref(q, q_w, 1e-6), _rms_norm_ref(k, k_w, 1e-6)
     ref_q = _rope_ref(positions, q, rope.cos_cache, rope.sin_cache)
-    ref_k = _rope_ref(positions, k, rope.cos_cache, rope.sin_cache)
-    out_q, out_k = rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache)
-    assert _rel(out_q, ref_q) < REL_TOL[dtype] and _rel(out_k, ref_k) < REL_TOL[dtype]
-    assert out_q.dtype == dtype and out_q.shape == q.shape and out_k.shape == k.shape
+    live = slots >= 0
+    write_kv_ref(_rope_ref(positions, k, rope.cos_cache, rope.sin_cache)[live],
+                 v.reshape(tokens, kv_heads, head_dim)[live], expected, slots[live])
+
+    norms = (q_w, k_w, 1e-6) if qk_norm else ()
+    out_q = qkv_prepare(qkv, positions, heads, kv_heads, rope.cos_cache, rope.sin_cache, cache, slots, *norms)
+    assert out_q.dtype == dtype and out_q.shape == (tokens, heads, head_dim) and out_q.is_contiguous()
+    assert _rel(out_q, ref_q) < REL_TOL[dtype]
+    flat, flat_expected = cache.view(2, -1, kv_heads, head_dim), expected.view(2, -1, kv_heads, head_dim)
+    written = torch.zeros(flat.shape[1], dtype=torch.bool, device="cuda")
+    written[slots[live]] = True
+    assert torch.equal(flat[:, ~written], flat_expected[:, ~written]), "a slot outside slot_mapping changed"
+    assert torch.equal(flat[1, written], flat_expected[1, written]), "V is a copy"
+    assert _rel(flat[0, written], flat_expected[0, written]) < REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,7 +113,8 @@ def test_silu_and_mul(dtype, inter):
 
 
 def test_ops_bad_inputs():
-    from pagedllm.layers.triton_ops import rms_norm, rotary_embedding, silu_and_mul
+    from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
+    from pagedllm.layers.triton_qkv import qkv_prepare
     x = torch.randn(4, 64, device="cuda")
     with pytest.raises(ValueError, match="weight"):
         rms_norm(x, torch.ones(32, device="cuda"), 1e-6)
@@ -96,7 +122,15 @@ def test_ops_bad_inputs():
         rms_norm(x, torch.ones(64, device="cuda"), 1e-6, residual=torch.randn(4, 32, device="cuda"))
     with pytest.raises(ValueError, match="even"):
         silu_and_mul(torch.randn(4, 7, device="cuda"))
-    cache = torch.randn(16, 16, device="cuda")
+    rope = torch.randn(16, 16, device="cuda")
+    qkv = torch.randn(4, 4 * 16, device="cuda")  # 2 heads + 2 x 1 kv head of 16
+    kv_cache = torch.zeros(2, 3, 16, 1, 16, device="cuda")
+    slots, positions = torch.zeros(4, dtype=torch.long, device="cuda"), torch.zeros(4, dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="positions"):
-        rotary_embedding(torch.zeros(3, dtype=torch.long, device="cuda"), torch.randn(4, 2, 16, device="cuda"),
-                         torch.randn(4, 1, 16, device="cuda"), cache, cache)
+        qkv_prepare(qkv, positions[:3], 2, 1, rope, rope, kv_cache, slots)
+    with pytest.raises(ValueError, match="width"):
+        qkv_prepare(qkv, positions, 3, 1, rope, rope, kv_cache, slots)
+    with pytest.raises(ValueError, match="kv_cache"):
+        qkv_prepare(qkv, positions, 2, 1, rope, rope, kv_cache[:, :, :, :, :8], slots)
+    with pytest.raises(ValueError, match="q_norm"):
+        qkv_prepare(qkv, positions, 2, 1, rope, rope, kv_cache, slots, torch.ones(16, device="cuda"), None)
