@@ -1,6 +1,6 @@
 """Fused Gumbel-max sampling on the GPU: one Triton kernel reads each row of logits once and returns
-argmax_v(logits[v] / T + G[v]), G = -log(-log(U)) with U drawn from Philox (tl.rand) keyed by the row's seed and
-counted by the column, which is a draw from softmax(logits / T); greedy rows (flag, or T == 0) take the plain
+argmax_v(logits[v] / T + G[v]), G = -log(-log(U)) with U drawn from Philox (tl.rand4x: four columns per call) keyed
+by the row's seed and counted by the column, which is a draw from softmax(logits / T); greedy rows (flag, or T == 0) take the plain
 argmax. Ties go to the lowest index, as torch.argmax; -inf entries are never chosen (an all -inf row gives 0).
 A small batch also splits the vocabulary over several programs per row; a torch argmax over the splits' partial
 maxima then picks the token.
@@ -33,13 +33,19 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
     best_col = tl.zeros([BLOCK], tl.int32)
     lo = split * span
     hi = tl.minimum(lo + span, vocab)
+    groups = tl.arange(0, BLOCK // 4)
     for start in range(lo, hi, BLOCK):
         cols = start + lanes
         score = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
         if not greedy:
-            # v: tl.rand plus half its step (2**-32), uniform in (0, 1), never 0, fine-grained near 0. e = -log(1 - v)
+            # One Philox call gives four words: column c takes word c % 4 of counter c // 4 (chunks start at
+            # multiples of 4), so a column's number does not depend on BLOCK or the splits. The joins lay the four
+            # words out as columns 4g, 4g + 1, 4g + 2, 4g + 3.
+            u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + groups)
+            u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+            # v: u plus half its step (2**-32), uniform in (0, 1), never 0, fine-grained near 0. e = -log(1 - v)
             # is Exp(1), by its series where 1 - v would round (the winners' e are the small ones); G = -log(e).
-            v = tl.rand(seed, cols) + 2.3283064e-10
+            v = u + 2.3283064e-10
             e = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))), -tl.log(1.0 - v))
             score = score / temperature - tl.log(e)
         take = score > best  # strict: a lane keeps its earliest column on ties
@@ -78,13 +84,13 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
                              f"{list(tensor.shape)}")
         if tensor.device != logits.device:
             raise ValueError(f"gumbel_sample: {name} is on {tensor.device}, logits on {logits.device}")
-    if block < 1 or block & (block - 1):
-        raise ValueError(f"gumbel_sample: block must be a power of two, got {block}")
+    if block < 4 or block & (block - 1):
+        raise ValueError(f"gumbel_sample: block must be a power of two >= 4, got {block}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"gumbel_sample: num_splits must be >= 1, got {num_splits}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    block = min(block, triton.next_power_of_2(vocab))
+    block = max(4, min(block, triton.next_power_of_2(vocab)))  # at least one Philox call's four columns
     if num_splits is None:
         num_splits = choose_num_splits(batch, vocab, block, logits.device)
     span = triton.cdiv(triton.cdiv(vocab, num_splits), block) * block  # whole blocks; no split is empty
