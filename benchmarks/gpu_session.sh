@@ -2,7 +2,7 @@
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
-#   (its kernels, eager)
+#   (its kernels, eager) kernels-latency
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -71,6 +71,9 @@ stage() {
       | tail -1
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload \
       --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_workload_0.6b.log" | tail -26 ;;
+  kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
+    timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
+      --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;
   kernels)
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
       --prompt-len 512 --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;
