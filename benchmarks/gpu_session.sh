@@ -66,9 +66,11 @@ stage() {
       timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 $flag 2>&1 | tail -1
     done
     timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-8b --batch 256 2>&1 | tail -1 ;;
-  profile-workload)  # the same at batch 256 on the reference workload's ragged prompts
-    timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload 2>&1 \
-      | tail -1
+  profile-workload)  # the same on the reference workload's ragged prompts, at several batch sizes
+    for batch in 1 16 64 256; do
+      timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch $batch --workload \
+        2>&1 | tail -1
+    done
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload \
       --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_workload_0.6b.log" | tail -26 ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
