@@ -100,6 +100,39 @@ def bench_decode(args, dtype, bandwidth: float, rows: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
+def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None:
+    """Decode over ragged contexts, as in the reference workload's decode phase (uniform in 100..1100 tokens), for
+    each split count: where one long sequence's program ends last, splitting evens the programs out."""
+    import random
+
+    from pagedllm.attention.triton_decode import choose_num_splits, paged_decode
+    from pagedllm.attention.triton_testing import make_paged_batch
+    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    elem = torch.empty((), dtype=dtype).element_size()
+    for batch in (32, 64, 128, 256):
+        contexts = [rng.randint(100, 1100) for _ in range(batch)]
+        kv_bytes = 2 * sum(contexts) * args.kv_heads * args.head_dim * elem
+        nbytes = kv_bytes + 2 * batch * args.heads * args.head_dim * elem
+        copies = min(64, max(1, -(-3 * l2_bytes // nbytes)))
+        b = make_paged_batch([(1, c) for c in contexts] * copies, batch * copies, args.heads, args.kv_heads,
+                             args.head_dim, args.block_size, dtype, "cuda", gen, fill_cache=False)
+        m, out, scale = b.meta, torch.empty_like(b.q), args.head_dim ** -0.5
+        default_splits = choose_num_splits(batch, args.kv_heads, b.q.device)
+        for splits in sorted({1, 2, 4, 8, default_splits}):
+            def call(i, splits=splits):
+                rows_i = slice(i * batch, (i + 1) * batch)
+                paged_decode(b.q[rows_i], b.kv_cache, m.block_tables[rows_i], m.seq_lens[rows_i], scale,
+                             out[rows_i], num_splits=splits)
+            ms = _graph_ms(call, copies)
+            rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", splits=splits,
+                             default=splits == default_splits, us=ms * 1e3, gbps=nbytes / (ms * 1e-3) / 1e9,
+                             pct_bw=100 * nbytes / (ms * 1e-3) / bandwidth))
+        del b, out
+        torch.cuda.empty_cache()
+
+
 def _visible_pairs(lens: list[tuple[int, int]]) -> int:
     return sum(q * (s - q) + q * (q + 1) // 2 for q, s in lens)
 
@@ -155,6 +188,7 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="sweep kernel configurations")
+    parser.add_argument("--ragged", action="store_true", help="only decode over ragged contexts, by split count")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -167,6 +201,13 @@ def main() -> int:
           f"matmul {rate / 1e12:.0f} TFLOP/s ({args.dtype})  heads {args.heads}/{args.kv_heads}  "
           f"head_dim {args.head_dim}  block_size {args.block_size}")
     rows: list[dict] = []
+    if args.ragged:
+        bench_decode_ragged(args, dtype, bandwidth, rows)
+        print(f"{'batch':>6} {'context':>9} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10}")
+        for r in rows:
+            print(f"{r['batch']:>6} {r['context']:>9} {r['splits']:>6}{'*' if r['default'] else ' '}"
+                  f"{r['us']:>8.1f} {r['gbps']:>8.0f} {r['pct_bw']:>9.0f}%")
+        return 0
     bench_decode(args, dtype, bandwidth, rows)
     bench_prefill(args, dtype, rows)
     if args.json:

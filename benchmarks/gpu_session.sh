@@ -73,6 +73,18 @@ stage() {
     done
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload \
       --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_workload_0.6b.log" | tail -26 ;;
+  attention-ragged)  # decode attention over ragged contexts (the workload's decode phase), by split count
+    for shape in "16 8" "32 8"; do
+      set -- $shape
+      timeout 120 python3 benchmarks/bench_attention.py --ragged --heads $1 --kv-heads $2 2>&1 | tail -22
+    done ;;
+  profile-structured)  # host/GPU split of a decode step with every request JSON-schema constrained
+    for m in qwen3-0.6b qwen3-8b; do
+      for flag in "" --structured; do
+        timeout 120 python3 benchmarks/profile_step.py --model benchmarks/configs/$m --batch 64 --workload $flag \
+          --tokenizer $QWEN_TOK 2>&1 | tail -1
+      done
+    done ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;

@@ -20,22 +20,30 @@ parser.add_argument("--prompt-len", type=int, default=512)
 parser.add_argument("--workload", action="store_true",
                     help="the reference workload's first --batch prompts (100-1024 tokens) instead of --prompt-len each")
 parser.add_argument("--steps", type=int, default=50)
+parser.add_argument("--structured", action="store_true",
+                    help="every request constrained by bench_structured.py's JSON schema (needs --tokenizer)")
+parser.add_argument("--tokenizer", default=None)
 parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
 args = parser.parse_args()
 
-llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
-          async_scheduling=args.async_scheduling)
+llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=args.tokenizer is None, tokenizer=args.tokenizer,
+          max_model_len=4096, async_scheduling=args.async_scheduling)
 engine = llm.llm_engine
 prompts = make_workload().prompts[:args.batch] if args.workload else \
     [[(i * 31 + j) % 10000 + 3 for j in range(args.prompt_len)] for i in range(args.batch)]
+params = SamplingParams(temperature=0.6, max_tokens=10000 - args.prompt_len, ignore_eos=True)
+if args.structured:
+    from bench_structured import SCHEMA
+
+    from pagedllm.sampling_params import StructuredOutputsParams
+    params = SamplingParams(temperature=1.0, max_tokens=3000, structured_outputs=StructuredOutputsParams(json=SCHEMA))
 for i, prompt in enumerate(prompts):
-    engine.add_request(str(i), prompt,
-                       SamplingParams(temperature=0.6, max_tokens=10000 - args.prompt_len, ignore_eos=True))
-while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+    engine.add_request(str(i), prompt, params)
+while engine._compiling or engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
     engine.step()
 
 # host time of each part of engine.step(); the graph's device time from CUDA events read at the end
-timings = {k: [] for k in ("schedule", "forward", "sample", "process", "total")}
+timings = {k: [] for k in ("schedule", "forward", "sample", "fill", "process", "total")}
 events = []
 runner = engine.runner
 
@@ -64,12 +72,16 @@ engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
 engine._process = timed("process", engine._process)
 runner.forward = timed("forward", runner.forward)
 runner.sample = timed("sample", runner.sample)
+if engine.structured is not None:
+    engine.structured.fill_bitmask = timed("fill", engine.structured.fill_bitmask)
 step = timed("total", engine.step)
 for _ in range(args.steps):
     step()
-torch.cuda.synchronize()
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
 timings["gpu_forward"] = [start.elapsed_time(end) / 1e3 for start, end in events]
 context = "the workload's prompts" if args.workload else f"~{args.prompt_len}"
-print(f"decode step at batch {args.batch}, context {context}+, async scheduling "
+context += "+" + (", every request JSON-schema constrained" if args.structured else "")
+print(f"decode step at batch {args.batch}, context {context}, async scheduling "
       f"{engine.async_scheduling}: " + ", ".join(
           f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in timings.items() if v))
