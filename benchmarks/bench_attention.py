@@ -111,7 +111,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
     rng = random.Random(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     elem = torch.empty((), dtype=dtype).element_size()
-    for batch in (32, 64, 128, 256):
+    for batch in (16, 32, 64, 128, 256):
         contexts = [rng.randint(100, 1100) for _ in range(batch)]
         kv_bytes = 2 * sum(contexts) * args.kv_heads * args.head_dim * elem
         nbytes = kv_bytes + 2 * batch * args.heads * args.head_dim * elem
@@ -120,15 +120,23 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
                              args.head_dim, args.block_size, dtype, "cuda", gen, fill_cache=False)
         m, out, scale = b.meta, torch.empty_like(b.q), args.head_dim ** -0.5
         default_splits = choose_num_splits(batch, args.kv_heads, b.q.device)
-        for splits in sorted({1, 2, 4, 8, default_splits}):
-            def call(i, splits=splits):
+        variants = [dict(num_splits=s) for s in sorted({1, 2, 4, 8, default_splits})]
+        if args.tune:  # tile sweeps: (block_n, num_stages, num_warps) at 1 and 2 splits
+            variants = [dict()] + [dict(num_splits=s, block_n=bn, num_stages=st, num_warps=w)
+                                   for s in (1, 2) for bn, st, w in ((128, 2, 4), (128, 3, 8), (64, 2, 4),
+                                                                    (64, 3, 4), (64, 4, 4), (64, 3, 8), (32, 2, 4),
+                                                                    (32, 3, 4), (32, 4, 4))]
+        for v in variants:
+            def call(i, v=v):
                 rows_i = slice(i * batch, (i + 1) * batch)
                 paged_decode(b.q[rows_i], b.kv_cache, m.block_tables[rows_i], m.seq_lens[rows_i], scale,
-                             out[rows_i], num_splits=splits)
+                             out[rows_i], **v)
             ms = _graph_ms(call, copies)
+            splits = v.get("num_splits", default_splits)
             rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", splits=splits,
-                             default=splits == default_splits, us=ms * 1e3, gbps=nbytes / (ms * 1e-3) / 1e9,
-                             pct_bw=100 * nbytes / (ms * 1e-3) / bandwidth))
+                             config={k: x for k, x in v.items() if k != "num_splits"} or "default",
+                             default=not v or v == dict(num_splits=default_splits), us=ms * 1e3,
+                             gbps=nbytes / (ms * 1e-3) / 1e9, pct_bw=100 * nbytes / (ms * 1e-3) / bandwidth))
         del b, out
         torch.cuda.empty_cache()
 
@@ -203,10 +211,14 @@ def main() -> int:
     rows: list[dict] = []
     if args.ragged:
         bench_decode_ragged(args, dtype, bandwidth, rows)
-        print(f"{'batch':>6} {'context':>9} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10}")
-        for r in rows:
-            print(f"{r['batch']:>6} {r['context']:>9} {r['splits']:>6}{'*' if r['default'] else ' '}"
-                  f"{r['us']:>8.1f} {r['gbps']:>8.0f} {r['pct_bw']:>9.0f}%")
+        print(f"{'batch':>6} {'context':>9} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10}  config")
+        for batch in sorted({r["batch"] for r in rows}):  # the default (*), then the fastest few
+            mine = [r for r in rows if r["batch"] == batch]
+            shown = [r for r in mine if r["default"]][:1]
+            shown += [r for r in sorted(mine, key=lambda r: r["us"]) if r not in shown][:4 if args.tune else 8]
+            for r in shown:
+                print(f"{r['batch']:>6} {r['context']:>9} {r['splits']:>6}{'*' if r['default'] else ' '}"
+                      f"{r['us']:>8.1f} {r['gbps']:>8.0f} {r['pct_bw']:>9.0f}%  {r['config']}")
         return 0
     bench_decode(args, dtype, bandwidth, rows)
     bench_prefill(args, dtype, rows)

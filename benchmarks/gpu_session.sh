@@ -76,7 +76,7 @@ stage() {
   attention-ragged)  # decode attention over ragged contexts (the workload's decode phase), by split count
     for shape in "16 8" "32 8"; do
       set -- $shape
-      timeout 120 python3 benchmarks/bench_attention.py --ragged --heads $1 --kv-heads $2 2>&1 | tail -22
+      timeout 200 python3 benchmarks/bench_attention.py --ragged --tune --heads $1 --kv-heads $2 2>&1 | tail -27
     done ;;
   profile-structured)  # host/GPU split of a decode step with every request JSON-schema constrained
     for m in qwen3-0.6b qwen3-8b; do
