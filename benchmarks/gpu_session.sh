@@ -80,7 +80,7 @@ stage() {
     done ;;
   profile-structured)  # host/GPU split of a decode step with every request JSON-schema constrained
     for m in qwen3-0.6b qwen3-8b; do
-      for batch in 1 16 64; do
+      for batch in ${BATCHES:-1 16 64}; do
         for flag in "" --structured; do
           timeout 100 python3 benchmarks/profile_step.py --model benchmarks/configs/$m --batch $batch --workload \
             --steps 100 $flag --tokenizer $QWEN_TOK 2>&1 | tail -1 | sed "s/^/$m: /"

@@ -1,5 +1,6 @@
 """Where a decode step's time goes: host time of scheduling, launching the forward pass, sampling (metadata and
 launch) and output processing (which waits for the step's tokens), and the graph's device time (CUDA events).
+Medians of each part; the step's mean (the period that throughput sees) and p90 too.
 On a CUDA machine:
 
     python benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 [--no-async-scheduling]
@@ -84,4 +85,6 @@ context = "the workload's prompts" if args.workload else f"~{args.prompt_len}"
 context += "+" + (", every request JSON-schema constrained" if args.structured else "")
 print(f"decode step at batch {args.batch}, context {context}, async scheduling "
       f"{engine.async_scheduling}: " + ", ".join(
-          f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in timings.items() if v))
+          f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in timings.items() if v)
+      + f"; step mean {1e3 * statistics.fmean(timings['total']):.2f} ms, p90 "
+        f"{1e3 * sorted(timings['total'])[int(0.9 * len(timings['total']))]:.2f} ms")
