@@ -63,8 +63,20 @@ def _graph_ms(fn, copies: int) -> float:
     return statistics.median(times)
 
 
+def _decode_call(b, out: torch.Tensor, batch: int, variant: dict):
+    """call(i): decode attention of the i-th slice of `batch` sequences of the paged batch b into out."""
+    from pagedllm.attention.triton_decode import paged_decode
+    scale = b.q.shape[-1] ** -0.5
+
+    def call(i: int) -> None:
+        rows = slice(i * batch, (i + 1) * batch)
+        paged_decode(b.q[rows], b.kv_cache, b.meta.block_tables[rows], b.meta.seq_lens[rows], scale, out[rows],
+                     **variant)
+    return call
+
+
 def bench_decode(args, dtype, bandwidth: float, rows: list[dict]) -> None:
-    from pagedllm.attention.triton_decode import choose_num_splits, paged_decode
+    from pagedllm.attention.triton_decode import choose_num_splits
     from pagedllm.attention.triton_testing import make_paged_batch
     gen = torch.Generator().manual_seed(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
@@ -76,9 +88,7 @@ def bench_decode(args, dtype, bandwidth: float, rows: list[dict]) -> None:
             copies = min(64, max(1, -(-3 * l2_bytes // nbytes)))
             b = make_paged_batch([(1, context)] * (batch * copies), batch * copies, args.heads, args.kv_heads,
                                  args.head_dim, args.block_size, dtype, "cuda", gen, fill_cache=False)
-            m = b.meta
             out = torch.empty_like(b.q)
-            scale = args.head_dim ** -0.5
             default_splits = choose_num_splits(batch, args.kv_heads, b.q.device)
             variants = [dict()]
             if args.tune:
@@ -87,10 +97,7 @@ def bench_decode(args, dtype, bandwidth: float, rows: list[dict]) -> None:
                              for s in splits for bn in (32, 64, 128) for st in (2, 3)]
                 variants.append(dict(num_splits=default_splits, block_n=128, num_stages=3, num_warps=8))
             for v in variants:
-                def call(i, v=v):
-                    rows_i = slice(i * batch, (i + 1) * batch)
-                    paged_decode(b.q[rows_i], b.kv_cache, m.block_tables[rows_i], m.seq_lens[rows_i], scale,
-                                 out[rows_i], **v)
+                call = _decode_call(b, out, batch, v)
                 ms = _graph_ms(call, copies)
                 eager_ms = _bench(lambda: call(0)) if not v else float("nan")
                 rows.append(dict(kind="decode", batch=batch, context=context, config=v or "default",
@@ -105,7 +112,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
     each split count: where one long sequence's program ends last, splitting evens the programs out."""
     import random
 
-    from pagedllm.attention.triton_decode import choose_num_splits, paged_decode
+    from pagedllm.attention.triton_decode import choose_num_splits
     from pagedllm.attention.triton_testing import make_paged_batch
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
@@ -118,7 +125,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
         copies = min(64, max(1, -(-3 * l2_bytes // nbytes)))
         b = make_paged_batch([(1, c) for c in contexts] * copies, batch * copies, args.heads, args.kv_heads,
                              args.head_dim, args.block_size, dtype, "cuda", gen, fill_cache=False)
-        m, out, scale = b.meta, torch.empty_like(b.q), args.head_dim ** -0.5
+        out = torch.empty_like(b.q)
         default_splits = choose_num_splits(batch, args.kv_heads, b.q.device)
         variants = [dict(num_splits=s) for s in sorted({1, 2, 4, 8, default_splits})]
         if args.tune:  # tile sweeps: (block_n, num_stages, num_warps) at 1 and 2 splits
@@ -127,11 +134,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
                                                                     (64, 3, 4), (64, 4, 4), (64, 3, 8), (32, 2, 4),
                                                                     (32, 3, 4), (32, 4, 4))]
         for v in variants:
-            def call(i, v=v):
-                rows_i = slice(i * batch, (i + 1) * batch)
-                paged_decode(b.q[rows_i], b.kv_cache, m.block_tables[rows_i], m.seq_lens[rows_i], scale,
-                             out[rows_i], **v)
-            ms = _graph_ms(call, copies)
+            ms = _graph_ms(_decode_call(b, out, batch, v), copies)
             splits = v.get("num_splits", default_splits)
             rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", splits=splits,
                              config={k: x for k, x in v.items() if k != "num_splits"} or "default",
