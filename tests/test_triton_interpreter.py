@@ -98,32 +98,33 @@ def _qkv_prepare_checks(emit, gen) -> None:
     from pagedllm.layers.rotary import RotaryEmbedding
     from pagedllm.layers.triton_qkv import qkv_prepare
 
-    heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
-    rope = RotaryEmbedding(head_dim, 64, 10000.0, None)
-    q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
-    with torch.no_grad():
-        q_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
-        k_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
-    width = (heads + 2 * kv_heads) * head_dim
-    qkv = torch.randn(tokens, width + 5, generator=gen)[:, :width]
-    pos = torch.tensor([0, 5, 63, 7, 7, 1])
-    slots = torch.tensor([3, 17, -1, 0, 30, 9])
-    for with_norm in (True, False):
-        cache = torch.randn(2, 2, 16, kv_heads, head_dim, generator=gen)
-        expected = cache.clone()
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
-        if with_norm:
-            q, k = q_norm(q), k_norm(k)
-        ref_q, ref_k = rope(pos, q, k)
-        live = slots >= 0
-        write_kv_ref(ref_k[live], v.reshape(tokens, kv_heads, head_dim)[live], expected, slots[live])
-        norms = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6) if with_norm else ()
-        out = qkv_prepare(qkv, pos, heads, kv_heads, rope.cos_cache, rope.sin_cache, cache, slots, *norms)
-        label = "qkv_prepare" + ("_qk_norm" if with_norm else "")
-        emit(f"{label}_q", rel=_rel(out, ref_q))
-        emit(f"{label}_cache", rel=_rel(cache, expected))
-        emit(f"{label}_v_exact", exact=bool(torch.equal(cache[1], expected[1])))
+    for heads, kv_heads, head_dim in ((4, 2, 16), (3, 1, 20)):  # the second pads heads and half-dims
+        tokens = 6
+        rope = RotaryEmbedding(head_dim, 64, 10000.0, None)
+        q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
+        with torch.no_grad():
+            q_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
+            k_norm.weight.copy_(torch.randn(head_dim, generator=gen) * 0.5 + 1)
+        width = (heads + 2 * kv_heads) * head_dim
+        qkv = torch.randn(tokens, width + 5, generator=gen)[:, :width]
+        pos = torch.tensor([0, 5, 63, 7, 7, 1])
+        slots = torch.tensor([3, 17, -1, 0, 30, 9])
+        for with_norm in (True, False):
+            cache = torch.randn(2, 2, 16, kv_heads, head_dim, generator=gen)
+            expected = cache.clone()
+            q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
+            if with_norm:
+                q, k = q_norm(q), k_norm(k)
+            ref_q, ref_k = rope(pos, q, k)
+            live = slots >= 0
+            write_kv_ref(ref_k[live], v.reshape(tokens, kv_heads, head_dim)[live], expected, slots[live])
+            norms = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6) if with_norm else ()
+            out = qkv_prepare(qkv, pos, heads, kv_heads, rope.cos_cache, rope.sin_cache, cache, slots, *norms)
+            label = f"qkv_prepare_h{heads}d{head_dim}" + ("_qk_norm" if with_norm else "")
+            emit(f"{label}_q", rel=_rel(out, ref_q))
+            emit(f"{label}_cache", rel=_rel(cache, expected))
+            emit(f"{label}_v_exact", exact=bool(torch.equal(cache[1], expected[1])))
 
 
 def test_triton_kernels_in_interpreter():
