@@ -2,7 +2,7 @@
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
-#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap
+#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -89,6 +89,8 @@ stage() {
     done ;;
   overlap)  # would one half-batch's attention beside the other's matmuls pay (Qwen3-8B shapes, batch 256)?
     timeout 120 python3 benchmarks/bench_overlap.py 2>&1 | tail -7 ;;
+  gemm)  # a Triton GEMM for decode's small M against cuBLAS, on both models' linear shapes (an experiment)
+    timeout 500 python3 benchmarks/bench_gemm.py 2>&1 | tee "$OUT/gemm.log" | tail -28 ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;

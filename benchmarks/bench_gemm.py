@@ -1,0 +1,191 @@
+"""Could a Triton GEMM for decode's small M beat cuBLAS on the linear layers' shapes? An experiment, not yet wired
+into the engine: the kernel lives here until it wins on the GPU.
+
+Decode steps multiply a few rows (M = batch, 1..256) by each weight [N, K]. At Qwen3-0.6B's shapes cuBLAS takes
+6.5-7.8 us per matmul at batch 256 against 1-3 us for the weights' bytes, and at Qwen3-8B's batch-1 shapes qkv and
+o_proj run at 73-76% of the copy bandwidth (docs/benchmarks.md). The kernel below tiles N, splits K over programs
+when the grid would be small (partial sums in float32, then a reduce-and-cast kernel), and takes its tile sizes
+from a sweep.
+
+For each shape and M: cuBLAS (F.linear) and the best Triton configuration of the sweep, each inside a replayed
+CUDA graph, cycling over enough copies of the weight that the L2 cannot hold them (decode reads weights from HBM).
+
+    python benchmarks/bench_gemm.py [--models 0.6b,8b] [--batches 1,32,256]
+    TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+# (K, N) of qkv, o_proj, gate_up, down
+SHAPES = {
+    "0.6b": {"qkv": (1024, 4096), "o_proj": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024)},
+    "8b": {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)},
+}
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M is capped by M (at least 16, for tl.dot)
+CONFIGS = [(m, n, k, s, w, st) for m in (16, 64) for n in (32, 64, 128) for k in (128, 256) for s in (1, 2, 4, 8)
+           for w, st in ((4, 3), (4, 4))]
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_split,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * w[n, k] over this program's share of K (all of it when SPLIT_K == 1, else a
+    float32 partial at out + split * stride_split)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = split * per_split
+    k_end = tl.minimum(k_start + per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < k_end), other=0.0)
+        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < k_end), other=0.0)
+        acc += tl.dot(a, tl.trans(b))
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    dst = out_ptr + split.to(tl.int64) * stride_split + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
+         partial: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T -> [M, N] in x's dtype. partial: a float32 [SPLIT_K, M, N] workspace (allocated when
+    not given)."""
+    block_m, block_n, block_k, split_k, warps, stages = config
+    (m, k), n = x.shape, w.shape[0]
+    block_m = max(16, min(block_m, triton.next_power_of_2(m)))
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    if split_k == 1:
+        _gemm_kernel[grid](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), 0,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1,
+                           num_warps=warps, num_stages=stages)
+        return out
+    if partial is None:
+        partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _gemm_kernel[grid](x, w, partial, m, n, k, x.stride(0), w.stride(0), n, m * n,
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                       num_warps=warps, num_stages=stages)
+    _reduce_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
+    return out
+
+
+def check() -> int:
+    """The kernel against torch at tiny float32 shapes (Triton's interpreter on the CPU, or a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for m, k, n in ((1, 40, 24), (5, 96, 70), (17, 64, 33)):
+        x = torch.randn(m, k, generator=gen).to(device)
+        w = torch.randn(n, k, generator=gen).to(device)
+        ref = x.double() @ w.double().t()
+        for config in ((16, 32, 32, 1, 4, 2), (16, 16, 16, 2, 4, 2), (16, 32, 16, 4, 4, 2)):
+            out = gemm(x, w, config)
+            err = float((out.double() - ref).norm() / ref.norm())
+            worst = max(worst, err)
+            print(f"M {m} K {k} N {n} config {config}: relative error {err:.1e}")
+    print(f"worst {worst:.1e}")
+    return 0 if worst < 1e-5 else 1
+
+
+def _graph_us(fn, copies: int) -> float:
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return statistics.median(times)
+
+
+def bench(models: list[str], batches: list[int]) -> int:
+    import torch.nn.functional as F
+    src = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_us = _graph_us(lambda i: dst.copy_(src), 1)
+    bandwidth = 2 * src.numel() / (copy_us * 1e-6)
+    del src, dst
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; times per call, us")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'cuBLAS':>8} {'% bw':>5} {'Triton':>8} {'% bw':>5} {'speed-up':>8}  config")
+    for model in models:
+        for layer, (k, n) in SHAPES[model].items():
+            weight_bytes = n * k * 2
+            copies = max(1, min(32, -(-3 * l2 // weight_bytes)))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                nbytes = weight_bytes + 2 * m * (k + n)
+                cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
+                ref = F.linear(x, weights[0]).float()
+                best = (float("inf"), None)
+                for config in CONFIGS:
+                    if (config[0] > 16 and m <= 16) or config[2] * config[3] > k:  # same as BLOCK_M 16; empty splits
+                        continue
+                    partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
+                    try:
+                        got = gemm(x, weights[0], config, partial=partial).float()
+                        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2):
+                            continue
+                        us = _graph_us(lambda i, c=config: gemm(x, weights[i], c, out=out, partial=partial), copies)
+                    except Exception:  # noqa: BLE001 - a configuration that does not compile is skipped
+                        continue
+                    best = min(best, (us, config), key=lambda t: t[0])
+                triton_us, config = best
+                print(f"{model:>5} {layer:>8} {m:>4} {cublas:>8.1f} {100 * nbytes / (cublas * 1e-6) / bandwidth:>4.0f}% "
+                      f"{triton_us:>8.1f} {100 * nbytes / (triton_us * 1e-6) / bandwidth:>4.0f}% "
+                      f"{cublas / triton_us:>7.2f}x  {config}")
+            del weights
+            torch.cuda.empty_cache()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
+    parser.add_argument("--models", default="0.6b,8b")
+    parser.add_argument("--batches", default="1,32,256")
+    args = parser.parse_args()
+    if args.check:
+        return check()
+    if not torch.cuda.is_available():
+        print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    return bench(args.models.split(","), [int(b) for b in args.batches.split(",")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
