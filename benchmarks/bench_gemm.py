@@ -16,7 +16,6 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
@@ -111,23 +110,9 @@ def check() -> int:
 
 
 def _graph_us(fn, copies: int) -> float:
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
-    return statistics.median(times)
+    """Median microseconds per call of fn(i), i in range(copies), replayed in one CUDA graph."""
+    from bench_attention import _graph_ms  # benchmarks/ is on sys.path when this file runs as a script
+    return 1e3 * _graph_ms(fn, copies)
 
 
 def bench(models: list[str], batches: list[int]) -> int:
