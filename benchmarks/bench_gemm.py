@@ -124,7 +124,8 @@ def bench(models: list[str], batches: list[int]) -> int:
     del src, dst
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; times per call, us")
-    print(f"{'model':>5} {'layer':>8} {'M':>4} {'cuBLAS':>8} {'% bw':>5} {'Triton':>8} {'% bw':>5} {'speed-up':>8}  config")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'cuBLAS':>8} {'% bw':>5} {'Triton':>8} {'% bw':>5} {'speed-up':>8}"
+          "  config")
     for model in models:
         for layer, (k, n) in SHAPES[model].items():
             weight_bytes = n * k * 2
@@ -150,8 +151,8 @@ def bench(models: list[str], batches: list[int]) -> int:
                         continue
                     best = min(best, (us, config), key=lambda t: t[0])
                 triton_us, config = best
-                print(f"{model:>5} {layer:>8} {m:>4} {cublas:>8.1f} {100 * nbytes / (cublas * 1e-6) / bandwidth:>4.0f}% "
-                      f"{triton_us:>8.1f} {100 * nbytes / (triton_us * 1e-6) / bandwidth:>4.0f}% "
+                pct = [100 * nbytes / (us * 1e-6) / bandwidth for us in (cublas, triton_us)]
+                print(f"{model:>5} {layer:>8} {m:>4} {cublas:>8.1f} {pct[0]:>4.0f}% {triton_us:>8.1f} {pct[1]:>4.0f}% "
                       f"{cublas / triton_us:>7.2f}x  {config}")
             del weights
             torch.cuda.empty_cache()

@@ -3,9 +3,10 @@ for large-batch decode, where the matmuls are compute-bound and attention is ban
 them one after the other (docs/benchmarks.md, "Where the time goes").
 
 One decoder layer's work at Qwen3-8B's shapes (or --hidden/--inter/--heads/--kv-heads), batch --batch, contexts
-uniform in 100..1,100 tokens, times --layers layers, timed with CUDA events (medians of --repeat):
-  matmuls alone; attention alone; both in sequence on one stream (what the engine does); and split in two halves,
-  half A's matmuls on one stream beside half B's attention on another, then the other way round.
+uniform in 100..1,100 tokens, times --layers layers, timed with CUDA events (medians of --repeat, by
+bench/roofline.py's timer): matmuls alone; attention alone; both in sequence on one stream (what the engine does);
+and split in two halves, half A's matmuls on one stream beside half B's attention on another, then the other way
+round.
 
     python benchmarks/bench_overlap.py [--batch 256] [--layers 36]
 """
@@ -13,24 +14,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 
 import torch
-
-
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -49,6 +35,7 @@ def main() -> int:
         return 2
     from pagedllm.attention.triton_decode import paged_decode
     from pagedllm.attention.triton_testing import make_paged_batch
+    from pagedllm.bench.roofline import _time_cuda  # median seconds of fn() by CUDA events, after a warm-up
 
     dtype, dev = torch.bfloat16, "cuda"
     h, q_size, kv_size = args.hidden, args.heads * args.head_dim, args.kv_heads * args.head_dim
@@ -93,7 +80,7 @@ def main() -> int:
     }
     print(f"batch {args.batch}, {args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/"
           f"{args.kv_heads}, contexts 100..1100 (mean {sum(contexts) / len(contexts):.0f})")
-    results = {name: _median_ms(fn, args.repeat) for name, fn in cases.items()}
+    results = {name: 1e3 * _time_cuda(fn, warmup=1, repeat=args.repeat) for name, fn in cases.items()}
     for name, ms in results.items():
         print(f"{name:>26}: {ms:8.2f} ms")
     saved = 1 - results["half-batches overlapped"] / results["in sequence (the engine)"]

@@ -40,7 +40,8 @@ if args.structured:
     params = SamplingParams(temperature=1.0, max_tokens=3000, structured_outputs=StructuredOutputsParams(json=SCHEMA))
 for i, prompt in enumerate(prompts):
     engine.add_request(str(i), prompt, params)
-while engine._compiling or engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+while engine._compiling or engine.scheduler.num_waiting or \
+        any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
     engine.step()
 
 # host time of each part of engine.step(); the graph's device time from CUDA events read at the end

@@ -38,19 +38,22 @@ class StepTrace:
 
         scheduler.schedule = traced
 
+    def _durations(self) -> list[float]:
+        """Seconds from each step's schedule to the next one's (the last: to the end of the run)."""
+        ends = [s.start for s in self.steps[1:]] + [self.end]
+        return [end - s.start for s, end in zip(self.steps, ends)]
+
     def first_steps(self, count: int = 24) -> list[list]:
         """[milliseconds, prefill tokens, decodes] of the first steps (where compilation or a slow prefill shows)."""
-        ends = [s.start for s in self.steps[1:]] + [self.end]
-        return [[round((end - s.start) * 1e3, 2), s.prefill_tokens, s.num_decodes]
-                for s, end in zip(self.steps[:count], ends)]
+        return [[round(seconds * 1e3, 2), s.prefill_tokens, s.num_decodes]
+                for s, seconds in zip(self.steps[:count], self._durations())]
 
     def phases(self, cfg: ModelConfig, ceilings: Ceilings, dtype_bytes: int) -> list[dict]:
         """Steps grouped by kind (with prefill; decode-only by batch size): steps, seconds, bound seconds."""
         weight_bytes, flops_per_token, kv_per_token = model_sizes(cfg, dtype_bytes)
         attn_flops_per_ctx = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
         groups: dict[str, dict] = {}
-        ends = [s.start for s in self.steps[1:]] + [self.end]
-        for step, end in zip(self.steps, ends):
+        for step, seconds in zip(self.steps, self._durations()):
             tokens = step.prefill_tokens + step.num_decodes
             flops = tokens * flops_per_token + attn_flops_per_ctx * step.context_tokens  # decodes; prefill below
             if step.prefill_tokens:
@@ -62,7 +65,7 @@ class StepTrace:
                         flops / ceilings.matmul_flops)
             g = groups.setdefault(name, dict(phase=name, steps=0, seconds=0.0, bound_seconds=0.0, tokens=0))
             g["steps"] += 1
-            g["seconds"] += end - step.start
+            g["seconds"] += seconds
             g["bound_seconds"] += bound
             g["tokens"] += step.num_decodes
         order = ["with prefill"] + [f"decode batch {b}" for b in _BUCKET_NAMES]
