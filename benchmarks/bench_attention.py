@@ -12,6 +12,7 @@ as a peer. --tune sweeps kernel configurations.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -109,7 +110,8 @@ def bench_decode(args, dtype, bandwidth: float, rows: list[dict]) -> None:
 
 def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None:
     """Decode over ragged contexts, as in the reference workload's decode phase (uniform in 100..1100 tokens), for
-    each split count: where one long sequence's program ends last, splitting evens the programs out."""
+    each split count, with the batch in the order drawn and longest context first (as the model runner orders
+    decodes): where one long sequence's program ends last, splitting or ordering evens the programs out."""
     import random
 
     from pagedllm.attention.triton_decode import choose_num_splits
@@ -118,8 +120,11 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
     rng = random.Random(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     elem = torch.empty((), dtype=dtype).element_size()
-    for batch in (16, 32, 64, 128, 256):
-        contexts = [rng.randint(100, 1100) for _ in range(batch)]
+    for batch, order in itertools.product((16, 32, 64, 128, 256), ("drawn", "longest first")):
+        if order == "drawn":
+            contexts = [rng.randint(100, 1100) for _ in range(batch)]
+        else:  # as the model runner orders a step's decodes
+            contexts = sorted(contexts, reverse=True)
         kv_bytes = 2 * sum(contexts) * args.kv_heads * args.head_dim * elem
         nbytes = kv_bytes + 2 * batch * args.heads * args.head_dim * elem
         copies = min(64, max(1, -(-3 * l2_bytes // nbytes)))
@@ -136,7 +141,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
         for v in variants:
             ms = _graph_ms(_decode_call(b, out, batch, v), copies)
             splits = v.get("num_splits", default_splits)
-            rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", splits=splits,
+            rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", order=order, splits=splits,
                              config={k: x for k, x in v.items() if k != "num_splits"} or "default",
                              default=not v or v == dict(num_splits=default_splits), us=ms * 1e3,
                              gbps=nbytes / (ms * 1e-3) / 1e9, pct_bw=100 * nbytes / (ms * 1e-3) / bandwidth))
@@ -214,13 +219,13 @@ def main() -> int:
     rows: list[dict] = []
     if args.ragged:
         bench_decode_ragged(args, dtype, bandwidth, rows)
-        print(f"{'batch':>6} {'context':>9} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10}  config")
-        for batch in sorted({r["batch"] for r in rows}):  # the default (*), then the fastest few
-            mine = [r for r in rows if r["batch"] == batch]
+        print(f"{'batch':>6} {'order':>13} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10}  config")
+        for batch, order in sorted({(r["batch"], r["order"]) for r in rows}):  # the default (*), then the fastest
+            mine = [r for r in rows if r["batch"] == batch and r["order"] == order]
             shown = [r for r in mine if r["default"]][:1]
-            shown += [r for r in sorted(mine, key=lambda r: r["us"]) if r not in shown][:4 if args.tune else 8]
+            shown += [r for r in sorted(mine, key=lambda r: r["us"]) if r not in shown][:3 if args.tune else 4]
             for r in shown:
-                print(f"{r['batch']:>6} {r['context']:>9} {r['splits']:>6}{'*' if r['default'] else ' '}"
+                print(f"{r['batch']:>6} {r['order']:>13} {r['splits']:>6}{'*' if r['default'] else ' '}"
                       f"{r['us']:>8.1f} {r['gbps']:>8.0f} {r['pct_bw']:>9.0f}%  {r['config']}")
         return 0
     bench_decode(args, dtype, bandwidth, rows)

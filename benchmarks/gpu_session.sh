@@ -2,7 +2,7 @@
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
-#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm
+#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm kernels-8b
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -73,10 +73,10 @@ stage() {
     done
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 --workload \
       --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_workload_0.6b.log" | tail -26 ;;
-  attention-ragged)  # decode attention over ragged contexts (the workload's decode phase), by split count
+  attention-ragged)  # decode attention over ragged contexts (the workload's decode phase), by split count and order
     for shape in "16 8" "32 8"; do
       set -- $shape
-      timeout 200 python3 benchmarks/bench_attention.py --ragged --tune --heads $1 --kv-heads $2 2>&1 | tail -27
+      timeout 120 python3 benchmarks/bench_attention.py --ragged ${TUNE:-} --heads $1 --kv-heads $2 2>&1 | tail -41
     done ;;
   profile-structured)  # host/GPU split of a decode step with every request JSON-schema constrained
     for m in qwen3-0.6b qwen3-8b; do
@@ -90,10 +90,14 @@ stage() {
   overlap)  # would one half-batch's attention beside the other's matmuls pay (Qwen3-8B shapes, batch 256)?
     timeout 120 python3 benchmarks/bench_overlap.py 2>&1 | tail -7 ;;
   gemm)  # a Triton GEMM for decode's small M against cuBLAS, on both models' linear shapes (an experiment)
-    timeout 500 python3 benchmarks/bench_gemm.py 2>&1 | tee "$OUT/gemm.log" | tail -28 ;;
+    timeout ${GEMM_LIMIT:-500} python3 benchmarks/bench_gemm.py --batches ${GEMM_BATCHES:-1,32,256} 2>&1 \
+      | tee "$OUT/gemm.log" | tail -40 ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;
+  kernels-8b)  # Qwen3-8B's kernels at batch 256 on the workload's ragged prompts (the 62-70% decode phase)
+    timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 256 --workload \
+      --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_workload.log" | tail -26 ;;
   kernels)
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
       --prompt-len 512 --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;

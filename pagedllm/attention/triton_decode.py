@@ -1,6 +1,8 @@
 """Triton decode attention over the paged KV cache: one query token per sequence, flash-decoding style.
 
-Grid (num_seqs, num_kv_heads, num_splits). A program serves every query head of one kv head (the GQA group is
+Grid (num_kv_heads, num_splits, num_seqs): the kv heads and splits of one sequence launch one after another, so a
+batch ordered longest context first (the model runner orders decodes so) runs its longest programs first and the
+short ones fill the tail of the last wave. A program serves every query head of one kv head (the GQA group is
 the rows of its tl.dot, padded to 16), so K/V are read from HBM once per kv head. When the batch alone cannot fill
 the GPU, each sequence's context is cut into `num_splits` chunks, each program writes a normalised partial output
 and its log-sum-exp, and a second kernel merges them. `num_splits` depends only on the batch shape and the device,
@@ -29,9 +31,9 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
@@ -140,7 +142,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

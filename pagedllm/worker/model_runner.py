@@ -293,7 +293,11 @@ class ModelRunner:
         step = StepInputs([], [], [], [0], [], [], sched.num_decodes, max(sched.num_new_tokens))
         step.deferred_ids = self._last_sampled[0] if self._last_sampled is not None else None
         sample_requests, sample_rows = [], []
-        for request, num_new in zip(sched.requests, sched.num_new_tokens):
+        scheduled = list(zip(sched.requests, sched.num_new_tokens))
+        # Decodes longest context first: decode attention then launches its longest programs first, and the short
+        # ones fill the last wave's tail (triton_decode.py). Sampled rows follow the batch, so nothing else changes.
+        scheduled[:sched.num_decodes] = sorted(scheduled[:sched.num_decodes], key=lambda s: -s[0].num_computed_tokens)
+        for request, num_new in scheduled:
             start = request.num_computed_tokens
             end = start + num_new
             table = block_tables[request.request_id]
