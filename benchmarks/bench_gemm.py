@@ -11,6 +11,7 @@ For each shape and M: cuBLAS (F.linear) and the best Triton configuration of the
 CUDA graph, cycling over enough copies of the weight that the L2 cannot hold them (decode reads weights from HBM).
 
     python benchmarks/bench_gemm.py [--models 0.6b,8b] [--batches 1,32,256]
+    python benchmarks/bench_gemm.py --fused --batches 1,8,16,32,64,128   # a whole layer, fused against unfused
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
 """
 from __future__ import annotations
@@ -159,18 +160,66 @@ def bench(models: list[str], batches: list[int]) -> int:
     return 0
 
 
+def bench_fused(models: list[str], batches: list[int]) -> int:
+    """One decoder layer's linear work as the engine runs it: cuBLAS with the separate RMSNorm (+ residual) and
+    SiLU-and-mul kernels, against layers/triton_linear.py's four fused matmuls, in a replayed CUDA graph."""
+    import torch.nn.functional as F
+
+    from pagedllm.layers.triton_linear import fused_linear
+    from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    print(f"device {torch.cuda.get_device_name()}; one layer's matmuls, norms and SiLU, us per layer")
+    print(f"{'model':>5} {'M':>4} {'unfused':>8} {'fused':>8} {'speed-up':>8}")
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    for model in models:
+        shapes = SHAPES[model]
+        hidden, q_size = shapes["qkv"][0], shapes["o_proj"][0]
+        layer_bytes = 2 * sum(k * n for k, n in shapes.values())
+        copies = max(1, min(32, -(-3 * l2 // layer_bytes)))
+        layers = [{name: torch.randn(n, k, **bf16) * k ** -0.5 for name, (k, n) in shapes.items()}
+                  for _ in range(copies)]
+        norm_w = torch.ones(hidden, **bf16)
+        for m in batches:
+            x, res = torch.randn(m, hidden, **bf16), torch.randn(m, hidden, **bf16)
+            attn_out = torch.randn(m, q_size, **bf16)
+
+            def unfused(i: int) -> None:
+                w = layers[i]
+                h, r = rms_norm(x, norm_w, 1e-6, res)
+                F.linear(h, w["qkv"])
+                o = F.linear(attn_out, w["o_proj"])
+                h, r = rms_norm(o, norm_w, 1e-6, r)
+                F.linear(silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+
+            def fused(i: int) -> None:
+                w = layers[i]
+                _, r = fused_linear(x, w["qkv"], norm_weight=norm_w, eps=1e-6, residual=res)
+                o = fused_linear(attn_out, w["o_proj"])
+                gate_up, r = fused_linear(o, w["gate_up"], norm_weight=norm_w, eps=1e-6, residual=r)
+                fused_linear(gate_up, w["down"], silu_mul=True)
+
+            times = [_graph_us(fn, copies) for fn in (unfused, fused)]
+            print(f"{model:>5} {m:>4} {times[0]:>8.1f} {times[1]:>8.1f} {times[0] / times[1]:>7.2f}x")
+        del layers
+        torch.cuda.empty_cache()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
     parser.add_argument("--models", default="0.6b,8b")
     parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--fused", action="store_true",
+                        help="a whole layer: cuBLAS + separate norm/SiLU kernels against layers/triton_linear.py")
     args = parser.parse_args()
     if args.check:
         return check()
     if not torch.cuda.is_available():
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    return bench(args.models.split(","), [int(b) for b in args.batches.split(",")])
+    batches = [int(b) for b in args.batches.split(",")]
+    return (bench_fused if args.fused else bench)(args.models.split(","), batches)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One decoder layer's work at Qwen3-8B's shapes (or --hidden/--inter/--heads/--kv-
 uniform in 100..1,100 tokens, times --layers layers, timed with CUDA events (medians of --repeat, by
 bench/roofline.py's timer): matmuls alone; attention alone; both in sequence on one stream (what the engine does);
 and split in two halves, half A's matmuls on one stream beside half B's attention on another, then the other way
-round.
+round. "half-batches, one stream" separates what halving the batch costs from what the overlap gains.
 
     python benchmarks/bench_overlap.py [--batch 256] [--layers 36]
 """
@@ -76,6 +76,7 @@ def main() -> int:
         "matmuls alone": lambda: [matmuls(every) for _ in range(args.layers)],
         "attention alone": lambda: [attention(every) for _ in range(args.layers)],
         "in sequence (the engine)": lambda: [(matmuls(every), attention(every)) for _ in range(args.layers)],
+        "half-batches, one stream": lambda: [(matmuls(r), attention(r)) for _ in range(args.layers) for r in (a, b)],
         "half-batches overlapped": overlapped,
     }
     print(f"batch {args.batch}, {args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
-#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large trace serve
+#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
-#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm kernels-8b
+#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused kernels-8b
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -29,6 +29,9 @@ stage() {
     timeout 300 python3 -m pagedllm.cli bench throughput --model benchmarks/configs/qwen3-8b --load-format dummy --compare-hf \
       --hf-num-requests 8 --hf-batch-size 8 \
       --output-json "$OUT/qwen3_8b.json" 2>&1 | tee "$OUT/qwen3_8b.log" | grep -v "it/s\]" | tail -14
+    timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
+      --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tail -3 ;;
+  latency)  # batch-1 decode of Qwen3-8B alone (also part of large)
     timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b --load-format dummy \
       --output-json "$OUT/qwen3_8b_latency.json" 2>&1 | tail -3 ;;
   trace)  # where the reference workload's time goes, by phase against its bound (no HF, no latency run)
@@ -88,10 +91,13 @@ stage() {
       done
     done ;;
   overlap)  # would one half-batch's attention beside the other's matmuls pay (Qwen3-8B shapes, batch 256)?
-    timeout 120 python3 benchmarks/bench_overlap.py 2>&1 | tail -7 ;;
+    timeout 120 python3 benchmarks/bench_overlap.py 2>&1 | tail -8 ;;
   gemm)  # a Triton GEMM for decode's small M against cuBLAS, on both models' linear shapes (an experiment)
     timeout ${GEMM_LIMIT:-500} python3 benchmarks/bench_gemm.py --batches ${GEMM_BATCHES:-1,32,256} 2>&1 \
       | tee "$OUT/gemm.log" | tail -40 ;;
+  gemm-fused)  # a decoder layer's matmuls with the norms and SiLU fused in (layers/triton_linear.py) against cuBLAS
+    timeout 200 python3 benchmarks/bench_gemm.py --fused --batches ${GEMM_BATCHES:-1,4,8,16,32,64,128} 2>&1 \
+      | tee "$OUT/gemm_fused.log" | tail -16 ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;

@@ -106,11 +106,15 @@ def _merge_splits_kernel(
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Split the context only when the batch alone leaves SMs idle: enough programs for about one wave over
-    the SMs, a power of two, at most MAX_SPLITS."""
+    """Split the context when the batch alone leaves SMs idle: enough programs for about one wave over the SMs, a
+    power of two, at most MAX_SPLITS. Between one and two waves, 2 splits even out the second wave's ragged tail
+    (bench_attention.py --ragged on an H200: 7-8% faster at batch 32 with 8 kv heads, slower from batch 64)."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(num_sms(device), programs)
-    return min(MAX_SPLITS, triton.next_power_of_2(want)) if want > 1 else 1
+    sms = num_sms(device)
+    want = triton.cdiv(sms, programs)
+    if want > 1:
+        return min(MAX_SPLITS, triton.next_power_of_2(want))
+    return 2 if programs < 2 * sms else 1
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
