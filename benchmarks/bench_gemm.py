@@ -17,6 +17,7 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
@@ -205,11 +206,53 @@ def bench_fused(models: list[str], batches: list[int]) -> int:
     return 0
 
 
+def bench_prologues() -> int:
+    """Each prologue of layers/triton_linear.py at Qwen3-8B's qkv and down shapes, over tile sizes, warps and
+    stages, with the compiled kernel's registers and spills: what makes a prologue slow."""
+    from pagedllm.layers import triton_linear as tlin
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    print(f"{'shape':>10} {'M':>3} {'prologue':>9} {'BK':>4} {'warps':>5} {'stages':>6} {'us':>8} {'regs':>5} "
+          f"{'spills':>6}")
+    for name, (k, n) in (("qkv", (4096, 6144)), ("down", (12288, 4096))):
+        copies = 8
+        weights = [torch.randn(n, k, **bf16) * k ** -0.5 for _ in range(copies)]
+        norm_w = torch.ones(k, **bf16)
+        for m in (1, 16):
+            x, res = torch.randn(m, k, **bf16), torch.randn(m, k, **bf16)
+            gate_up = torch.randn(m, 2 * k, **bf16)
+            out = torch.empty(m, n, **bf16)
+            for prologue in (tlin.NONE, tlin.RMS_NORM, tlin.SILU_MUL):
+                src = gate_up if prologue == tlin.SILU_MUL else x
+                for block_k, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4)):
+                    block_n = 64 if n >= 6144 else 32
+
+                    def call(i: int) -> None:
+                        return tlin._linear_kernel[(triton.cdiv(n, block_n), 1, 1)](
+                            src, res, res, norm_w, weights[i], weights[i], out, m, n, k, src.stride(0), k, k, k,
+                            n, m * n, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=prologue == tlin.RMS_NORM,
+                            HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1,
+                            PRECISION="tf32", num_warps=warps, num_stages=stages)
+                    try:
+                        kernel = call(0)
+                        us = _graph_us(call, copies)
+                    except Exception as exc:  # noqa: BLE001 - out of shared memory: skipped
+                        print(f"{name:>10} {m:>3} {prologue:>9} {block_k:>4} {warps:>5} {stages:>6}  {type(exc).__name__}")
+                        continue
+                    ptx = kernel.asm.get("ptx", "")
+                    print(f"{name:>10} {m:>3} {prologue:>9} {block_k:>4} {warps:>5} {stages:>6} {us:>8.1f} "
+                          f"{getattr(kernel, 'n_regs', -1):>5} {getattr(kernel, 'n_spills', -1):>6} "
+                          f"wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx} tma={'cp.async.bulk' in ptx}")
+        del weights
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
     parser.add_argument("--models", default="0.6b,8b")
     parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--prologues", action="store_true",
+                        help="each prologue of the fused kernel over tiles, warps and stages (registers, spills)")
     parser.add_argument("--fused", action="store_true",
                         help="a whole layer: cuBLAS + separate norm/SiLU kernels against layers/triton_linear.py")
     args = parser.parse_args()
@@ -218,6 +261,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
+    if args.prologues:
+        return bench_prologues()
     batches = [int(b) for b in args.batches.split(",")]
     return (bench_fused if args.fused else bench)(args.models.split(","), batches)
 

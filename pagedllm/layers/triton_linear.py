@@ -24,7 +24,7 @@ from pagedllm.attention.triton_utils import dot_precision, num_sms
 
 # Rows up to which the model's decoder layers use this kernel instead of cuBLAS and the separate norm / SiLU
 # kernels; 0 turns it off. Measured on an H200 (benchmarks/bench_gemm.py --fused, docs/benchmarks.md).
-MAX_ROWS = 32
+MAX_ROWS = 0
 
 NONE, RMS_NORM, SILU_MUL = 0, 1, 2
 
@@ -124,6 +124,11 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, in
     return block_m, block_n, block_k, split
 
 
+def _num_stages(block_m: int, block_n: int, block_k: int, elem: int) -> int:
+    """Up to 4 stages of the K loop in flight, as many as about 160 KiB of shared memory holds."""
+    return max(1, min(4, (160 << 10) // ((block_m + block_n) * block_k * elem)))
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                  silu_mul: bool = False, config: tuple[int, int, int, int] | None = None):
@@ -161,7 +166,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             m, n, k, x.stride(0), res.stride(0), k, weight.stride(0), out.stride(0), m * n, eps,
             PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None and split == 1,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PRECISION=dot_precision(x.dtype),
-            num_warps=4, num_stages=4 if x.dtype != torch.float32 else 2,
+            num_warps=4, num_stages=_num_stages(block_m, block_n, block_k, x.element_size()),
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))

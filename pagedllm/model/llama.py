@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
             self.fused_rows = MAX_ROWS
 
     def forward(self, positions, x, residual, meta):
-        if x.shape[0] <= self.fused_rows:
+        if 0 < x.shape[0] <= self.fused_rows:
             return self._forward_fused(positions, x, residual, meta)
         if residual is None:
             residual, x = x, self.input_layernorm(x)
