@@ -166,11 +166,11 @@ def bench_fused(models: list[str], batches: list[int]) -> int:
     SiLU-and-mul kernels, against layers/triton_linear.py's four fused matmuls, in a replayed CUDA graph."""
     import torch.nn.functional as F
 
-    from pagedllm.layers.triton_linear import fused_linear
+    from pagedllm.layers.triton_linear import choose_config, fused_linear
     from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     print(f"device {torch.cuda.get_device_name()}; one layer's matmuls, norms and SiLU, us per layer")
-    print(f"{'model':>5} {'M':>4} {'unfused':>8} {'fused':>8} {'speed-up':>8}")
+    print(f"{'model':>5} {'M':>4} {'unfused':>8} {'fused':>8} {'speed-up':>8}  variant")
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     for model in models:
         shapes = SHAPES[model]
@@ -192,15 +192,28 @@ def bench_fused(models: list[str], batches: list[int]) -> int:
                 h, r = rms_norm(o, norm_w, 1e-6, r)
                 F.linear(silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
 
-            def fused(i: int) -> None:
+            def fused(i: int, opts: dict) -> None:
                 w = layers[i]
-                _, r = fused_linear(x, w["qkv"], norm_weight=norm_w, eps=1e-6, residual=res)
-                o = fused_linear(attn_out, w["o_proj"])
-                gate_up, r = fused_linear(o, w["gate_up"], norm_weight=norm_w, eps=1e-6, residual=r)
-                fused_linear(gate_up, w["down"], silu_mul=True)
 
-            times = [_graph_us(fn, copies) for fn in (unfused, fused)]
-            print(f"{model:>5} {m:>4} {times[0]:>8.1f} {times[1]:>8.1f} {times[0] / times[1]:>7.2f}x")
+                def cfg(name: str) -> tuple | None:
+                    if "block_k" not in opts:
+                        return None
+                    k, n = shapes[name]
+                    bm, bn, _, split = choose_config(m, n, k, x.device)
+                    return bm, bn, opts["block_k"], split
+                kw = dict(num_warps=opts.get("num_warps", 4), prefetch=opts.get("prefetch", True))
+                _, r = fused_linear(x, w["qkv"], norm_weight=norm_w, eps=1e-6, residual=res, config=cfg("qkv"), **kw)
+                o = fused_linear(attn_out, w["o_proj"], config=cfg("o_proj"), **kw)
+                gate_up, r = fused_linear(o, w["gate_up"], norm_weight=norm_w, eps=1e-6, residual=r,
+                                          config=cfg("gate_up"), **kw)
+                fused_linear(gate_up, w["down"], silu_mul=True, config=cfg("down"), **kw)
+
+            base = _graph_us(unfused, copies)
+            variants = [dict()] + [dict(prefetch=p, num_warps=nw, block_k=bk) for p in (False, True)
+                                   for nw in (4, 8) for bk in (128, 256)]
+            for opts in variants:
+                us = _graph_us(lambda i, o=opts: fused(i, o), copies)
+                print(f"{model:>5} {m:>4} {base:>8.1f} {us:>8.1f} {base / us:>7.2f}x  {opts or 'default'}")
         del layers
         torch.cuda.empty_cache()
     return 0

@@ -30,11 +30,25 @@ NONE, RMS_NORM, SILU_MUL = 0, 1, 2
 
 
 @triton.jit
+def _raw_tiles(x_rows, r_rows, K, ks, mask, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The loaded tiles a prologue starts from: (x, residual) for RMSNorm (x twice without a residual), (gate, up)
+    for SiLU-and-mul."""
+    t1 = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
+    if PROLOGUE == 2:
+        t2 = tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0)
+    elif HAS_RESIDUAL:
+        t2 = tl.load(r_rows + ks[None, :], mask=mask, other=0.0)
+    else:
+        t2 = t1
+    return t1, t2
+
+
+@triton.jit
 def _linear_kernel(x_ptr, res_ptr, new_res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr,
                    M, N, K, stride_x, stride_r, stride_nr, stride_w, stride_o, stride_split, eps,
                    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -45,45 +59,69 @@ def _linear_kernel(x_ptr, res_ptr, new_res_ptr, norm_w_ptr, w_ptr, bias_ptr, out
     r_rows = res_ptr + rows[:, None].to(tl.int64) * stride_r
     dtype = x_ptr.dtype.element_ty
 
+    # A prologue's tiles feed elementwise code before the dot, and Triton's pipeliner does not prefetch such loads:
+    # with PREFETCH they are loaded one iteration ahead, so that an iteration need not wait a memory latency.
     if PROLOGUE == 1:  # the rms of each whole row, before this program's share of K
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         written_rows = M * ((pid_n + split) == 0).to(tl.int32)  # the next residual: output tile 0's program
+        ks = tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            t1, t2 = _raw_tiles(x_rows, r_rows, K, ks, row_mask[:, None] & (ks[None, :] < K), 1, HAS_RESIDUAL)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (ks[None, :] < K)
-            h = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
+            if PREFETCH:
+                nks = ks + BLOCK_K
+                n1, n2 = _raw_tiles(x_rows, r_rows, K, nks, row_mask[:, None] & (nks[None, :] < K), 1, HAS_RESIDUAL)
+            else:
+                t1, t2 = _raw_tiles(x_rows, r_rows, K, ks, mask, 1, HAS_RESIDUAL)
+            h = t1
             if HAS_RESIDUAL:
-                h = (h + tl.load(r_rows + ks[None, :], mask=mask, other=0.0)).to(dtype)
+                h = (t1 + t2).to(dtype)
                 tl.store(new_res_ptr + rows[:, None].to(tl.int64) * stride_nr + ks[None, :], h,
                          mask=(rows[:, None] < written_rows) & (ks[None, :] < K))
             hf = h.to(tl.float32)
             sum_sq += tl.sum(hf * hf, 1)
+            if PREFETCH:
+                t1, t2 = n1, n2
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
 
     per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = split * per_split
     k_end = tl.minimum(k_start + per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PROLOGUE != 0 and PREFETCH:
+        ks = k_start + tl.arange(0, BLOCK_K)
+        t1, t2 = _raw_tiles(x_rows, r_rows, K, ks, row_mask[:, None] & (ks[None, :] < k_end), PROLOGUE,
+                            HAS_RESIDUAL)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
         mask = row_mask[:, None] & k_mask[None, :]
+        if PROLOGUE != 0:
+            if PREFETCH:
+                nks = ks + BLOCK_K
+                n1, n2 = _raw_tiles(x_rows, r_rows, K, nks, row_mask[:, None] & (nks[None, :] < k_end), PROLOGUE,
+                                    HAS_RESIDUAL)
+            else:
+                t1, t2 = _raw_tiles(x_rows, r_rows, K, ks, mask, PROLOGUE, HAS_RESIDUAL)
         if PROLOGUE == 1:
-            h = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
+            h = t1
             if HAS_RESIDUAL:
-                h = (h + tl.load(r_rows + ks[None, :], mask=mask, other=0.0)).to(dtype)
+                h = (t1 + t2).to(dtype)
             normed = (h.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
             nw = tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             a = (normed * nw[None, :]).to(dtype)
         elif PROLOGUE == 2:  # x is [gate | up], K columns each
-            gate = tl.load(x_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            a = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
+            gate = t1.to(tl.float32)
+            a = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * t2.to(tl.float32)).to(dtype)
         else:
             a = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
         b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
                     mask=(cols[:, None] < N) & k_mask[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(b).to(dtype), input_precision=PRECISION)
+        if PROLOGUE != 0 and PREFETCH:
+            t1, t2 = n1, n2
 
     mask = row_mask[:, None] & (cols[None, :] < N)
     if SPLIT_K == 1:
@@ -131,12 +169,13 @@ def _num_stages(block_m: int, block_n: int, block_k: int, elem: int) -> int:
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-                 silu_mul: bool = False, config: tuple[int, int, int, int] | None = None):
+                 silu_mul: bool = False, config: tuple[int, int, int, int] | None = None,
+                 num_warps: int = 4, prefetch: bool = True):
     """y = prologue(x) @ weight.T (+ bias), for x [M, K'] with contiguous rows and weight [N, K].
     - norm_weight: prologue RMSNorm(x) with eps; with residual, RMSNorm(x + residual), and returns (y, x + residual)
       as RMSNorm.forward(x, residual) followed by the linear layer would.
     - silu_mul: x is [gate | up] (K' = 2K) and the prologue is silu(gate) * up.
-    config overrides choose_config (tests, benchmarks)."""
+    config, num_warps and prefetch override the defaults (tests, benchmarks)."""
     if x.dim() != 2 or weight.dim() != 2 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"fused_linear: expected x [M, K] and weight [N, K] with contiguous rows, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -165,8 +204,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             weight, bias if bias is not None else weight, target,
             m, n, k, x.stride(0), res.stride(0), k, weight.stride(0), out.stride(0), m * n, eps,
             PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None and split == 1,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PRECISION=dot_precision(x.dtype),
-            num_warps=4, num_stages=_num_stages(block_m, block_n, block_k, x.element_size()),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PREFETCH=prefetch,
+            PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=_num_stages(block_m, block_n, block_k, x.element_size()),
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
