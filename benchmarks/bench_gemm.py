@@ -1,5 +1,5 @@
-"""Could a Triton GEMM for decode's small M beat cuBLAS on the linear layers' shapes? An experiment, not yet wired
-into the engine: the kernel lives here until it wins on the GPU.
+"""Could a Triton GEMM for decode's small M beat cuBLAS on the linear layers' shapes? An experiment, not wired into
+the engine: on an H200 it did not, except where cuBLAS picks a poor kernel (docs/benchmarks.md).
 
 Decode steps multiply a few rows (M = batch, 1..256) by each weight [N, K]. At Qwen3-0.6B's shapes cuBLAS takes
 6.5-7.8 us per matmul at batch 256 against 1-3 us for the weights' bytes, and at Qwen3-8B's batch-1 shapes qkv and
@@ -107,8 +107,43 @@ def check() -> int:
             err = float((out.double() - ref).norm() / ref.norm())
             worst = max(worst, err)
             print(f"M {m} K {k} N {n} config {config}: relative error {err:.1e}")
+    worst = max(worst, check_fused(device, gen))
     print(f"worst {worst:.1e}")
     return 0 if worst < 1e-5 else 1
+
+
+@torch.no_grad()
+def check_fused(device: str, gen: torch.Generator) -> float:
+    """fused_linear.py's prologues, bias and split-K, with and without prefetch, against the unfused torch code."""
+    import torch.nn.functional as F
+
+    from fused_linear import fused_linear
+    from pagedllm.layers.norm import RMSNorm
+    worst = 0.0
+    for (m, k, n, config), prefetch in itertools.product(
+            ((1, 40, 24, None), (5, 96, 70, (16, 32, 32, 2)), (17, 64, 33, (16, 16, 16, 4))), (True, False)):
+        x, r = torch.randn(m, k, generator=gen), torch.randn(m, k, generator=gen)
+        w, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        gate_up = torch.randn(m, 2 * k, generator=gen)
+        norm = RMSNorm(k, 1e-6)
+        norm.weight.data = torch.rand(k, generator=gen) + 0.5
+        normed, summed = norm(x, r)
+        kw = dict(config=config, prefetch=prefetch)
+        on = [t.to(device) for t in (x, r, w, bias, gate_up, norm.weight.data)]
+        out, new_res = fused_linear(on[0], on[2], norm_weight=on[5], eps=1e-6, residual=on[1], **kw)
+        pairs = {
+            "bias": (fused_linear(on[0], on[2], on[3], **kw), F.linear(x, w, bias)),
+            "norm": (fused_linear(on[0], on[2], norm_weight=on[5], eps=1e-6, **kw), F.linear(norm(x), w)),
+            "norm+residual": (out, F.linear(normed, w)),
+            "new residual": (new_res, summed),
+            "silu*up": (fused_linear(on[4], on[2], silu_mul=True, **kw),
+                        F.linear(F.silu(gate_up[:, :k]) * gate_up[:, k:], w)),
+        }
+        for name, (got, ref) in pairs.items():
+            err = float((got.cpu().double() - ref.double()).norm() / ref.double().norm())
+            worst = max(worst, err)
+            print(f"fused M {m} K {k} N {n} config {config} prefetch {prefetch} {name}: relative error {err:.1e}")
+    return worst
 
 
 def _graph_us(fn, copies: int) -> float:
@@ -163,10 +198,11 @@ def bench(models: list[str], batches: list[int]) -> int:
 
 def bench_fused(models: list[str], batches: list[int]) -> int:
     """One decoder layer's linear work as the engine runs it: cuBLAS with the separate RMSNorm (+ residual) and
-    SiLU-and-mul kernels, against layers/triton_linear.py's four fused matmuls, in a replayed CUDA graph."""
+    SiLU-and-mul kernels, against fused_linear.py's four fused matmuls, in a replayed CUDA graph. Several
+    variants of the fused kernel: prologue tiles loaded one iteration ahead or not, warps, BLOCK_K."""
     import torch.nn.functional as F
 
-    from pagedllm.layers.triton_linear import choose_config, fused_linear
+    from fused_linear import choose_config, fused_linear  # benchmarks/ is on sys.path when run as a script
     from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     print(f"device {torch.cuda.get_device_name()}; one layer's matmuls, norms and SiLU, us per layer")
@@ -219,63 +255,19 @@ def bench_fused(models: list[str], batches: list[int]) -> int:
     return 0
 
 
-def bench_prologues() -> int:
-    """Each prologue of layers/triton_linear.py at Qwen3-8B's qkv and down shapes, over tile sizes, warps and
-    stages, with the compiled kernel's registers and spills: what makes a prologue slow."""
-    from pagedllm.layers import triton_linear as tlin
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    print(f"{'shape':>10} {'M':>3} {'prologue':>9} {'BK':>4} {'warps':>5} {'stages':>6} {'us':>8} {'regs':>5} "
-          f"{'spills':>6}")
-    for name, (k, n) in (("qkv", (4096, 6144)), ("down", (12288, 4096))):
-        copies = 8
-        weights = [torch.randn(n, k, **bf16) * k ** -0.5 for _ in range(copies)]
-        norm_w = torch.ones(k, **bf16)
-        for m in (1, 16):
-            x, res = torch.randn(m, k, **bf16), torch.randn(m, k, **bf16)
-            gate_up = torch.randn(m, 2 * k, **bf16)
-            out = torch.empty(m, n, **bf16)
-            for prologue in (tlin.NONE, tlin.RMS_NORM, tlin.SILU_MUL):
-                src = gate_up if prologue == tlin.SILU_MUL else x
-                for block_k, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4)):
-                    block_n = 64 if n >= 6144 else 32
-
-                    def call(i: int) -> None:
-                        return tlin._linear_kernel[(triton.cdiv(n, block_n), 1, 1)](
-                            src, res, res, norm_w, weights[i], weights[i], out, m, n, k, src.stride(0), k, k, k,
-                            n, m * n, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=prologue == tlin.RMS_NORM,
-                            HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1,
-                            PRECISION="tf32", num_warps=warps, num_stages=stages)
-                    try:
-                        kernel = call(0)
-                        us = _graph_us(call, copies)
-                    except Exception as exc:  # noqa: BLE001 - out of shared memory: skipped
-                        print(f"{name:>10} {m:>3} {prologue:>9} {block_k:>4} {warps:>5} {stages:>6}  {type(exc).__name__}")
-                        continue
-                    ptx = kernel.asm.get("ptx", "")
-                    print(f"{name:>10} {m:>3} {prologue:>9} {block_k:>4} {warps:>5} {stages:>6} {us:>8.1f} "
-                          f"{getattr(kernel, 'n_regs', -1):>5} {getattr(kernel, 'n_spills', -1):>6} "
-                          f"wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx} tma={'cp.async.bulk' in ptx}")
-        del weights
-    return 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
     parser.add_argument("--models", default="0.6b,8b")
     parser.add_argument("--batches", default="1,32,256")
-    parser.add_argument("--prologues", action="store_true",
-                        help="each prologue of the fused kernel over tiles, warps and stages (registers, spills)")
     parser.add_argument("--fused", action="store_true",
-                        help="a whole layer: cuBLAS + separate norm/SiLU kernels against layers/triton_linear.py")
+                        help="a whole layer: cuBLAS + separate norm/SiLU kernels against fused_linear.py")
     args = parser.parse_args()
     if args.check:
         return check()
     if not torch.cuda.is_available():
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    if args.prologues:
-        return bench_prologues()
     batches = [int(b) for b in args.batches.split(",")]
     return (bench_fused if args.fused else bench)(args.models.split(","), batches)
 

@@ -71,3 +71,24 @@ def test_mixed_decode_and_prefill_in_one_step(tiny_llama):
     assert _generate(llm, prompts) == reference
     assert mixed, "no step mixed decodes and prefills"
     assert all_blocks_free(llm)
+
+
+def test_decodes_run_longest_context_first(tiny_llama):
+    """The model runner orders a step's decodes longest context first (decode attention then launches its longest
+    programs first), whatever the scheduler's order; each request's output is still HF's."""
+    prompts = sorted(random_prompts(6, min_len=5, max_len=60, seed=5), key=len)  # arrival order: shortest first
+    llm = LLM(str(tiny_llama), dtype="float32", skip_tokenizer_init=True)
+    runner = llm.llm_engine.runner
+    build, orders = runner._build_step, []
+
+    def spy(sched, tables):
+        step, requests, rows = build(sched, tables)
+        orders.append(step.seq_lens[:step.num_decodes])
+        return step, requests, rows
+    runner._build_step = spy
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(tiny_llama, prompts, 8)
+    decode_orders = [o for o in orders if len(set(o)) > 1]
+    assert decode_orders and all(o == sorted(o, reverse=True) for o in decode_orders)
+    assert all_blocks_free(llm)

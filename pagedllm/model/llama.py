@@ -35,10 +35,7 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, head_dim], bound later
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """From the qkv projection's output to the o_proj's input [num_tokens, num_heads * head_dim]."""
+        qkv = self.qkv_proj(x)
         if self.backend.name == "triton":  # one fused kernel: q/k norms, rotary and the KV write
             from pagedllm.layers.triton_qkv import qkv_prepare
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
@@ -47,7 +44,7 @@ class Attention(nn.Module):
         else:
             q = self._prepare(qkv, positions, meta)
         out = self.backend.attend(q, self.kv_cache, meta, self.scale)
-        return out.reshape(qkv.shape[0], self.q_size)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
     def _prepare(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q/k norms, rotary and the KV write, one op at a time: returns q [num_tokens, num_heads, head_dim]."""
@@ -85,15 +82,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        # Steps of up to this many tokens take the fused Triton path (the Triton backend only).
-        self.fused_rows = 0
-        if backend.name == "triton":
-            from pagedllm.layers.triton_linear import MAX_ROWS
-            self.fused_rows = MAX_ROWS
 
     def forward(self, positions, x, residual, meta):
-        if 0 < x.shape[0] <= self.fused_rows:
-            return self._forward_fused(positions, x, residual, meta)
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -101,22 +91,6 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
-
-    def _forward_fused(self, positions, x, residual, meta):
-        """The same layer in four Triton matmuls with the norms and SiLU-and-mul fused in (few rows on the GPU:
-        layers/triton_linear.py)."""
-        from pagedllm.layers.triton_linear import fused_linear
-        attn, mlp, norm, post_norm = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            residual = x
-            qkv = fused_linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps)
-        else:
-            qkv, residual = fused_linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm.weight,
-                                         eps=norm.eps, residual=residual)
-        x = fused_linear(attn.attend(positions, qkv, meta), attn.o_proj.weight)
-        gate_up, residual = fused_linear(x, mlp.gate_up_proj.weight, norm_weight=post_norm.weight, eps=post_norm.eps,
-                                         residual=residual)
-        return fused_linear(gate_up, mlp.down_proj.weight, silu_mul=True), residual
 
 
 class DecoderModel(nn.Module):

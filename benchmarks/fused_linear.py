@@ -1,18 +1,18 @@
-"""A Triton linear layer for decode's few rows, with the op before it fused in: RMSNorm (+ residual add) before the
-qkv and gate_up projections, SiLU-and-mul before the down projection.
+"""An experiment, not wired into the engine: a Triton linear layer for decode's few rows with the op before it fused
+in, RMSNorm (+ residual add) before the qkv and gate_up projections and SiLU-and-mul before the down projection, so
+that a decoder layer runs four kernels instead of seven. bench_gemm.py --fused measures it against what the engine
+runs (cuBLAS with the separate norm and SiLU kernels); on an H200 it lost at every batch size but one
+(docs/benchmarks.md, "A fused linear layer for small batches"). Kept for the next attempt.
 
-A decode step multiplies a few rows (M = batch) by each weight. Its time is the weight's bytes plus a fixed cost per
-launch, and at small M the separate norm and SiLU kernels cost about as much as the bytes they save. Here each
-program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K:
+Each program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K:
 - RMSNorm prologue: a first pass over the whole row (M x K, a few KiB, from L2) gives each row's rms; the tiles of
   the main loop are normalised as they are loaded. With a residual, h = x + residual is the normalised input and
   the program of output tile 0 writes it out as the next residual.
 - SiLU-and-mul prologue: x holds [gate | up]; the loaded tiles are silu(gate) * up.
 - K is split over programs when N alone gives too few of them (float32 partial sums, then a reduce kernel).
 
-It rounds where the unfused kernels round (layers/triton_ops.py): the residual sum, the normalised value and the
-SiLU output to the activation dtype. The sum of squares is taken in another order, so results match the unfused
-path up to a float32 sum's order.
+It rounds where the engine's kernels round (pagedllm/layers/triton_ops.py): the residual sum, the normalised value
+and the SiLU output to the activation dtype. The sum of squares is taken in another order.
 """
 from __future__ import annotations
 
@@ -21,10 +21,6 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.triton_utils import dot_precision, num_sms
-
-# Rows up to which the model's decoder layers use this kernel instead of cuBLAS and the separate norm / SiLU
-# kernels; 0 turns it off. Measured on an H200 (benchmarks/bench_gemm.py --fused, docs/benchmarks.md).
-MAX_ROWS = 0
 
 NONE, RMS_NORM, SILU_MUL = 0, 1, 2
 
