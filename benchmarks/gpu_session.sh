@@ -2,7 +2,7 @@
 # One call on the GPU machine (see docs/benchmarks.md): GPU tests, then benchmarks. Usage:
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
-#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused kernels-8b
+#   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused pdl kernels-8b
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -98,6 +98,8 @@ stage() {
   gemm-fused)  # a decoder layer's matmuls with the norms and SiLU fused in (fused_linear.py) against cuBLAS
     timeout 200 python3 benchmarks/bench_gemm.py --fused --batches ${GEMM_BATCHES:-1,8,16,32,64} 2>&1 \
       | tee "$OUT/gemm_fused.log" | tail -100 ;;
+  pdl)  # batch-1 matmul chains: cuBLAS, a Triton GEMV, and the same with programmatic dependent launch (an experiment)
+    for m in 8b 0.6b; do timeout 150 python3 benchmarks/bench_pdl.py --model $m 2>&1 | tail -5; done ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;

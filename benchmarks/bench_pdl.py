@@ -1,0 +1,163 @@
+"""Would programmatic dependent launch (PDL, Hopper) bring batch-1 decode's matmuls closer to the copy bandwidth?
+An experiment, not wired into the engine.
+
+At batch 1 a decoder layer is a chain of four matrix-vector products (qkv, o_proj, gate_up, down) that each read a
+weight of 8-200 MB; every launch ramps up and drains, and cuBLAS reaches 60-89% of the copy bandwidth on Qwen3-8B's
+(docs/benchmarks.md). The weights do not depend on the previous kernel. With PDL a kernel may start while the one
+before it drains: it loads its first weight tile, then waits (gdc_wait) for the previous kernel's output, and it
+lets the next kernel launch once its own main loop is done (gdc_launch_dependents).
+
+The chain of --layers layers, each weight its own (as in a model, so the L2 holds none), replayed in one CUDA
+graph; each matmul reads the previous one's output (a prefix of it when the sizes differ). Three ways: cuBLAS
+(what the engine runs), the Triton kernel below without PDL, and with it. Per layer: microseconds and the share
+of the copy bandwidth that the weights' bytes reach.
+
+    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36]
+    TRITON_INTERPRET=1 python benchmarks/bench_pdl.py --check     # the kernel without PDL, on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from bench_gemm import SHAPES  # benchmarks/ is on sys.path when this file runs as a script
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by layer: the fastest split-free configurations of bench_gemm.py's
+# sweep at M = 1 on an H200 (down: its fastest used 2 splits; this one has none).
+CONFIGS = {"qkv": (64, 256, 4, 4), "o_proj": (32, 256, 4, 4), "gate_up": (64, 128, 4, 3), "down": (32, 256, 4, 4)}
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * w[n, k] for a few rows m. With USE_GDC, the first weight tile is loaded before
+    waiting for the previous kernel (which writes x), and the next kernel may launch once the main loop is done."""
+    pid_n = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    x_rows = x_ptr + rows[:, None] * stride_x
+    col_mask = cols[:, None] < N
+    row_mask = rows[:, None] < M
+    b = tl.load(w_rows + ks[None, :], mask=col_mask & (ks[None, :] < K), other=0.0)  # independent of x
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    a = tl.load(x_rows + ks[None, :], mask=row_mask & (ks[None, :] < K), other=0.0)
+    acc = tl.dot(a, tl.trans(b))
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # the rest, pipelined by Triton as usual
+        kk = k0 + ks
+        a = tl.load(x_rows + kk[None, :], mask=row_mask & (kk[None, :] < K), other=0.0)
+        b = tl.load(w_rows + kk[None, :], mask=col_mask & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(a, tl.trans(b))
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask & (cols[None, :] < N))
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: tuple, pdl: bool) -> torch.Tensor:
+    block_n, block_k, warps, stages = config
+    m, (n, k) = x.shape[0], w.shape
+    extra = dict(launch_pdl=True) if pdl else {}
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, USE_GDC=pdl,
+                                             num_warps=warps, num_stages=stages, **extra)
+    return out
+
+
+def check() -> int:
+    """The kernel (without PDL) against torch at tiny float32 shapes."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for m, k, n, config in ((1, 40, 24, (16, 16, 4, 2)), (3, 100, 70, (32, 32, 4, 2)), (16, 64, 33, (16, 64, 4, 2))):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        out = gemv(x.to(device), w.to(device), torch.empty(m, n, device=device), config, pdl=False)
+        ref = x.double() @ w.double().t()
+        err = float((out.cpu().double() - ref).norm() / ref.norm())
+        worst = max(worst, err)
+        print(f"M {m} K {k} N {n} config {config}: relative error {err:.1e}")
+    print(f"worst {worst:.1e}")
+    return 0 if worst < 1e-5 else 1
+
+
+def _graph_ms(fn, repeat: int = 20) -> float:
+    """Median milliseconds of fn() captured once in a CUDA graph and replayed."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench(model: str, layers: int) -> int:
+    from bench_attention import copy_bandwidth
+    bandwidth = copy_bandwidth()
+    shapes = SHAPES[model]
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    weights = [{name: torch.randn(n, k, **dev) * k ** -0.5 for name, (k, n) in shapes.items()} for _ in range(layers)]
+    outs = {name: torch.empty(1, n, **dev) for name, (k, n) in shapes.items()}
+    x0 = torch.randn(1, shapes["qkv"][0], **dev)
+    layer_bytes = 2 * sum(k * n for k, n in shapes.values())
+
+    def chain(matmul) -> torch.Tensor:
+        x = x0
+        for w in weights:
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                x = matmul(x[:, :w[name].shape[1]], w[name], outs[name], name)
+        return x
+
+    ways = {
+        "cuBLAS (the engine)": lambda x, w, out, name: torch.mm(x, w.t(), out=out),
+        "Triton": lambda x, w, out, name: gemv(x, w, out, CONFIGS[name], pdl=False),
+        "Triton + PDL": lambda x, w, out, name: gemv(x, w, out, CONFIGS[name], pdl=True),
+    }
+    print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e9:,.0f} GB/s; Qwen3-{model} shapes, batch 1, "
+          f"{layers} layers of {layer_bytes / 1e6:.0f} MB")
+    reference = chain(ways["cuBLAS (the engine)"]).float().clone()
+    for name, matmul in ways.items():
+        try:
+            got = chain(matmul).float()
+            err = float((got - reference).norm() / reference.norm())
+            us = 1e3 * _graph_ms(lambda m=matmul: chain(m)) / layers
+        except Exception as exc:  # noqa: BLE001 - e.g. PDL not supported by this Triton or driver
+            print(f"{name:>20}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        share = layer_bytes / (us * 1e-6) / bandwidth
+        print(f"{name:>20}: {us:7.1f} us a layer, {100 * share:5.1f}% of the copy bandwidth "
+              f"(output vs cuBLAS: relative difference {err:.1e})")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
+    parser.add_argument("--model", default="8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=36)
+    args = parser.parse_args()
+    if args.check:
+        return check()
+    if not torch.cuda.is_available():
+        print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    return bench(args.model, args.layers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
