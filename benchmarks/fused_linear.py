@@ -201,7 +201,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             m, n, k, x.stride(0), res.stride(0), k, weight.stride(0), out.stride(0), m * n, eps,
             PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None and split == 1,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PREFETCH=prefetch,
-            PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=_num_stages(block_m, block_n, block_k, x.element_size()),
+            PRECISION=dot_precision(x.dtype), num_warps=num_warps,
+            num_stages=_num_stages(block_m, block_n, block_k, x.element_size()),
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))

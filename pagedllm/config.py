@@ -52,8 +52,9 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}.")
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}.")
+        if not isinstance(self.max_num_seqs, int) or not 1 <= self.max_num_seqs <= 65535:
+            raise ValueError(f"max_num_seqs must be an integer in [1, 65535] (the GPU decode kernel's grid holds "
+                             f"one sequence per row), got {self.max_num_seqs!r}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
         bs = self.block_size

@@ -37,8 +37,8 @@ def test_structured_outputs_needs_exactly_one():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("gpu_memory_utilization", 1.5), ("max_num_seqs", 0), ("block_size", 12), ("dtype", "int3"),
-    ("load_format", "zip"), ("max_model_len", 0), ("kv_cache_memory", -1), ("device", "tpu"),
+    ("gpu_memory_utilization", 1.5), ("max_num_seqs", 0), ("max_num_seqs", 65536), ("block_size", 12),
+    ("dtype", "int3"), ("load_format", "zip"), ("max_model_len", 0), ("kv_cache_memory", -1), ("device", "tpu"),
 ])
 def test_invalid_engine_args_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

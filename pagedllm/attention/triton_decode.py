@@ -19,6 +19,7 @@ from pagedllm.attention.triton_utils import dot_precision, num_sms
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
+MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
 
 
 @triton.jit
@@ -126,6 +127,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
         return out
+    if num_seqs > MAX_GRID_SEQS:
+        raise ValueError(f"paged_decode: {num_seqs} sequences in one launch; at most {MAX_GRID_SEQS} "
+                         "(the grid's third axis)")
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_splits is None:
