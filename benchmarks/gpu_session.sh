@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
 #   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused pdl kernels-8b
+#   kernels-prefill
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -106,6 +107,9 @@ stage() {
   kernels-8b)  # Qwen3-8B's kernels at batch 256 on the workload's ragged prompts (the 62-70% decode phase)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 256 --workload \
       --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_workload.log" | tail -26 ;;
+  kernels-prefill)  # Qwen3-0.6B's kernels in prefill steps (that phase runs at 55% of its bound)
+    timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --prefill --batch 64 \
+      2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b_prefill.log" | tail -26 ;;
   kernels)
     timeout 120 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-0.6b --batch 256 \
       --prompt-len 512 --steps 10 2>&1 | grep -v INFO | tee "$OUT/kernels_0.6b.log" | tail -26 ;;
