@@ -18,7 +18,6 @@ of the copy bandwidth that the weights' bytes reach.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
@@ -87,27 +86,8 @@ def check() -> int:
     return 0 if worst < 1e-5 else 1
 
 
-def _graph_ms(fn, repeat: int = 20) -> float:
-    """Median milliseconds of fn() captured once in a CUDA graph and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench(model: str, layers: int) -> int:
-    from bench_attention import copy_bandwidth
+    from bench_attention import _graph_ms, copy_bandwidth  # one graph replayed; the copy ceiling
     bandwidth = copy_bandwidth()
     shapes = SHAPES[model]
     dev = dict(device="cuda", dtype=torch.bfloat16)
@@ -143,7 +123,7 @@ def bench(model: str, layers: int) -> int:
         try:
             got = chain(matmul).float()
             err = float((got - reference).norm() / reference.norm())
-            us = 1e3 * _graph_ms(lambda m=matmul: chain(m)) / layers
+            us = 1e3 * _graph_ms(lambda i, m=matmul: chain(m), 1) / layers
         except Exception as exc:  # noqa: BLE001 - e.g. PDL not supported by this Triton or driver
             print(f"{name:>20}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
