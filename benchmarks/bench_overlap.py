@@ -7,8 +7,13 @@ uniform in 100..1,100 tokens, times --layers layers, timed with CUDA events (med
 bench/roofline.py's timer): matmuls alone; attention alone; both in sequence on one stream (what the engine does);
 and split in two halves, half A's matmuls on one stream beside half B's attention on another, then the other way
 round. "half-batches, one stream" separates what halving the batch costs from what the overlap gains.
+"pipelined" drops the lock-step: matmuls on one stream, attention on another, joined only by each half's own
+dependencies (events), so half B's matmuls run while half A's attention does; "+ priority" gives the matmuls'
+stream the higher priority, so the block scheduler places their few tiles as soon as an SM frees up instead of
+after every pending attention program. With --graph each case is captured in one CUDA graph and replayed (as the
+engine runs decode steps), without it launched eagerly.
 
-    python benchmarks/bench_overlap.py [--batch 256] [--layers 36]
+    python benchmarks/bench_overlap.py [--model 8b|0.6b] [--batch 256] [--layers N] [--graph]
 """
 from __future__ import annotations
 
@@ -18,18 +23,22 @@ import sys
 
 import torch
 
+# layers, hidden, intermediate, query heads, kv heads (benchmarks/configs/)
+MODELS = {"8b": (36, 4096, 12288, 32, 8), "0.6b": (28, 1024, 3072, 16, 8)}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="8b", help="shapes of Qwen3-8B or Qwen3-0.6B")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--inter", type=int, default=12288)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=None, help="default: the model's")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays instead of eager launches")
     args = parser.parse_args()
+    layers, hidden, inter, heads, kv_heads = MODELS[args.model]
+    args.layers = args.layers or layers
+    args.hidden, args.inter, args.heads, args.kv_heads = hidden, inter, heads, kv_heads
     if not torch.cuda.is_available():
         print("bench_overlap: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -72,20 +81,50 @@ def main() -> int:
                 matmuls(mm_rows)
                 main.wait_stream(side)
 
+    def pipelined(priority: bool) -> None:
+        main = torch.cuda.current_stream()
+        mm_stream = torch.cuda.Stream(priority=-1) if priority else torch.cuda.Stream()
+        attn_stream = torch.cuda.Stream()
+        mm_stream.wait_stream(main)
+        attn_stream.wait_stream(main)
+        attn_done = {a.start: None, b.start: None}
+        for _ in range(args.layers):
+            for rows in (a, b):
+                with torch.cuda.stream(mm_stream):
+                    if attn_done[rows.start] is not None:
+                        mm_stream.wait_event(attn_done[rows.start])
+                    matmuls(rows)
+                    mm_done = torch.cuda.Event()
+                    mm_done.record(mm_stream)
+                with torch.cuda.stream(attn_stream):
+                    attn_stream.wait_event(mm_done)
+                    attention(rows)
+                    attn_done[rows.start] = torch.cuda.Event()
+                    attn_done[rows.start].record(attn_stream)
+        main.wait_stream(mm_stream)
+        main.wait_stream(attn_stream)
+
     cases = {
         "matmuls alone": lambda: [matmuls(every) for _ in range(args.layers)],
         "attention alone": lambda: [attention(every) for _ in range(args.layers)],
         "in sequence (the engine)": lambda: [(matmuls(every), attention(every)) for _ in range(args.layers)],
         "half-batches, one stream": lambda: [(matmuls(r), attention(r)) for _ in range(args.layers) for r in (a, b)],
         "half-batches overlapped": overlapped,
+        "pipelined": lambda: pipelined(False),
+        "pipelined + priority": lambda: pipelined(True),
     }
-    print(f"batch {args.batch}, {args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/"
-          f"{args.kv_heads}, contexts 100..1100 (mean {sum(contexts) / len(contexts):.0f})")
-    results = {name: 1e3 * _time_cuda(fn, warmup=1, repeat=args.repeat) for name, fn in cases.items()}
+    print(f"Qwen3-{args.model} shapes, {'CUDA graph' if args.graph else 'eager'}, batch {args.batch}, "
+          f"{args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/{args.kv_heads}, contexts 100..1100 (mean {sum(contexts) / len(contexts):.0f})")
+    if args.graph:
+        from bench_attention import _graph_ms  # benchmarks/ is on sys.path when this file runs as a script
+        results = {name: _graph_ms(lambda i, fn=fn: fn(), 1) for name, fn in cases.items()}
+    else:
+        results = {name: 1e3 * _time_cuda(fn, warmup=1, repeat=args.repeat) for name, fn in cases.items()}
     for name, ms in results.items():
         print(f"{name:>26}: {ms:8.2f} ms")
-    saved = 1 - results["half-batches overlapped"] / results["in sequence (the engine)"]
-    print(f"overlap saves {100 * saved:.1f}% of the sequential time")
+    for name in ("half-batches overlapped", "pipelined", "pipelined + priority"):
+        saved = 1 - results[name] / results["in sequence (the engine)"]
+        print(f"{name} saves {100 * saved:.1f}% of the sequential time")
     return 0
 
 

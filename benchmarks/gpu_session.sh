@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
 #   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused pdl kernels-8b
-#   kernels-prefill
+#   kernels-prefill decode-layout
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -101,6 +101,11 @@ stage() {
       | tee "$OUT/gemm_fused.log" | tail -100 ;;
   pdl)  # batch-1 matmul chains: cuBLAS, a Triton GEMV, and the same with programmatic dependent launch (an experiment)
     for m in 8b 0.6b; do timeout 150 python3 benchmarks/bench_pdl.py --model $m 2>&1 | tail -5; done ;;
+  decode-layout)  # decode attention with the cache in NHD or HND layout, pages of 16 or 32 (an experiment)
+    for shape in "16 8" "32 8"; do
+      set -- $shape
+      timeout 200 python3 benchmarks/bench_decode_layout.py --heads $1 --kv-heads $2 2>&1 | tee -a "$OUT/decode_layout.log" | tail -60
+    done ;;
   kernels-latency)  # Qwen3-8B's kernels at batch 1 (the latency figure's step)
     timeout 150 python3 benchmarks/profile_kernels.py --model benchmarks/configs/qwen3-8b --batch 1 --prompt-len 512 \
       --steps 20 2>&1 | grep -v INFO | tee "$OUT/kernels_8b_batch1.log" | tail -26 ;;

@@ -4,6 +4,10 @@ Medians of each part; the step's mean (the period that throughput sees) and p90 
 On a CUDA machine:
 
     python benchmarks/profile_step.py --model benchmarks/configs/qwen3-0.6b --batch 256 [--no-async-scheduling]
+
+--gaps: after the timed steps, --steps more under torch.profiler; from the device's timeline (kernels, copies,
+memsets), the time the device sat idle between them, the largest idle gaps with the operations on each side, and
+the operations that ran outside the CUDA graph.
 """
 import argparse
 import statistics
@@ -25,6 +29,7 @@ parser.add_argument("--structured", action="store_true",
                     help="every request constrained by bench_structured.py's JSON schema (needs --tokenizer)")
 parser.add_argument("--tokenizer", default=None)
 parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+parser.add_argument("--gaps", action="store_true", help="also trace the device's idle time between steps")
 args = parser.parse_args()
 
 llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=args.tokenizer is None, tokenizer=args.tokenizer,
@@ -89,3 +94,56 @@ print(f"decode step at batch {args.batch}, context {context}, async scheduling "
           f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in timings.items() if v)
       + f"; step mean {1e3 * statistics.fmean(timings['total']):.2f} ms, p90 "
         f"{1e3 * sorted(timings['total'])[int(0.9 * len(timings['total']))]:.2f} ms")
+
+
+def device_gaps(steps: int) -> None:
+    """Idle time of the device over `steps` engine steps, from a torch.profiler trace (see the module's doc)."""
+    import collections
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        trace = json.load(f)
+    ops = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and
+                  e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not ops:
+        print("no device operations in the trace")
+        return
+    span = ops[-1]["ts"] + ops[-1]["dur"] - ops[0]["ts"]
+    gaps, end = [], ops[0]["ts"]
+    for before, op in zip([None] + ops[:-1], ops):
+        if before is not None and op["ts"] > end:
+            gaps.append((op["ts"] - end, before["name"], op["name"]))
+        end = max(end, op["ts"] + op["dur"])
+    idle = sum(g for g, _, _ in gaps)
+    print(f"device timeline over {steps} steps: {span / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms "
+          f"({100 * idle / span:.1f}%), {span / steps / 1e3:.3f} ms a step")
+    by_pair = collections.defaultdict(lambda: [0, 0.0])
+    for g, a, b in gaps:
+        key = (a[:50], b[:50])
+        by_pair[key][0] += 1
+        by_pair[key][1] += g
+    print("idle gaps by the operations around them (count, total us):")
+    for (a, b), (n, total) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {n:5d} {total:9.1f} us  after {a}  before {b}")
+    graph_ids = {e.get("args", {}).get("graph id") for e in ops} - {None}
+    outside = collections.defaultdict(lambda: [0, 0.0])
+    for e in ops:
+        if e.get("args", {}).get("graph id") in (None, 0):
+            outside[e["name"][:70]][0] += 1
+            outside[e["name"][:70]][1] += e["dur"]
+    print(f"operations outside the CUDA graph (graph ids seen: {len(graph_ids)}), count and total us:")
+    for name, (n, total) in sorted(outside.items(), key=lambda kv: -kv[1][1])[:15]:
+        print(f"  {n:5d} {total:9.1f} us  {name}")
+
+
+if args.gaps:
+    device_gaps(args.steps)

@@ -109,6 +109,21 @@ def test_long_decode_every_split_count(dtype):
         splits *= 2
 
 
+@pytest.mark.parametrize("block_n", [None, 64, 128])
+def test_large_decode_batch(block_n):
+    """160 ragged decodes with 8 kv heads: 1,280 programs, which take 64-key tiles by default on an H100/H200."""
+    from pagedllm.attention.triton_decode import paged_decode
+    rng = random.Random(11)
+    gen = torch.Generator().manual_seed(11)
+    lens = [(1, rng.randint(1, 1500)) for _ in range(160)]
+    batch = make_paged_batch(lens, len(lens), 16, 8, 128, 16, torch.bfloat16, "cuda", gen)
+    ref = _reference(batch, 0.088)
+    out = torch.full_like(batch.q, float("nan"))
+    paged_decode(batch.q, batch.kv_cache, batch.meta.block_tables, batch.meta.seq_lens, 0.088, out, block_n=block_n)
+    assert out.isfinite().all()
+    assert _rel(out, ref) < REL_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("lens,heads,kv_heads", [
     ([(8192, 8192)], 8, 2),  # one long prompt
     ([(1000, 8192), (5, 300), (3000, 3000)], 8, 8),  # chunked prefill over a 7192-token prefix, ragged
