@@ -134,15 +134,32 @@ def device_gaps(steps: int) -> None:
     print("idle gaps by the operations around them (count, total us):")
     for (a, b), (n, total) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"  {n:5d} {total:9.1f} us  after {a}  before {b}")
-    graph_ids = {e.get("args", {}).get("graph id") for e in ops} - {None}
-    outside = collections.defaultdict(lambda: [0, 0.0])
+    totals = collections.defaultdict(lambda: [0, 0.0])
     for e in ops:
-        if e.get("args", {}).get("graph id") in (None, 0):
-            outside[e["name"][:70]][0] += 1
-            outside[e["name"][:70]][1] += e["dur"]
-    print(f"operations outside the CUDA graph (graph ids seen: {len(graph_ids)}), count and total us:")
-    for name, (n, total) in sorted(outside.items(), key=lambda kv: -kv[1][1])[:15]:
+        totals[e["name"][:70]][0] += 1
+        totals[e["name"][:70]][1] += e["dur"]
+    print("device operations, count and total us:")
+    for name, (n, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:16]:
         print(f"  {n:5d} {total:9.1f} us  {name}")
+    # the last two steps' operations that run fewer than 10 times a step (not the layers' kernels), in order,
+    # with the idle time before each and the layers' kernels between them counted
+    print("the last two steps, without the layers' kernels (idle before, duration, name):")
+    rare = {name for name, (n, _) in totals.items() if n < 10 * steps}
+    shown, skipped, end = 0, 0, None
+    tail = ops[-(len(ops) * 2 // steps):]
+    for e in tail:
+        idle = 0.0 if end is None else max(0.0, e["ts"] - end)
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+        if e["name"][:70] in rare or idle > 5:
+            if skipped:
+                print(f"      ... {skipped} layer kernels")
+                skipped = 0
+            print(f"  {idle:7.1f} {e['dur']:8.1f}  {e['name'][:80]}")
+            shown += 1
+        else:
+            skipped += 1
+    if skipped:
+        print(f"      ... {skipped} layer kernels")
 
 
 if args.gaps:

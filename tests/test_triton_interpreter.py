@@ -87,6 +87,21 @@ def _ops_checks(emit) -> None:
 
     gu = torch.randn(3, 2, 2 * 40, generator=gen)
     emit("silu_and_mul", rel=_rel(silu_and_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:]))
+    _gemv_checks(emit, gen)
+
+
+def _gemv_checks(emit, gen) -> None:
+    """The one-row matmul against F.linear: ragged N and K (masked tails), a bias, the shape rule's configs."""
+    import torch
+    import torch.nn.functional as F
+
+    from pagedllm.layers.triton_gemv import gemv
+    for n, k, bias, config in ((24, 40, False, (16, 16, 4, 2)), (70, 100, True, (32, 32, 4, 2)),
+                               (33, 300, False, None), (300, 64, True, None)):
+        x, w = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        emit(f"gemv_n{n}_k{k}", rel=_rel(gemv(x, w, b, config), F.linear(x.double(), w.double(),
+                                                                          None if b is None else b.double())))
 
 
 
@@ -153,6 +168,19 @@ def test_decode_block_policy():
     assert choose_block_n(1, 128, torch.float16, cpu) == 128
     assert choose_block_n(1, 256, torch.bfloat16, cpu) == 64
     assert choose_block_n(1000, 128, torch.float32, cpu) == 16
+
+
+def test_gemv_config_rule():
+    """The rule reproduces the measured best configurations of Qwen3-8B's and Qwen3-0.6B's four layers (bench_pdl)."""
+    pytest.importorskip("triton")
+    from pagedllm.layers.triton_gemv import gemv_config
+    layers = {  # (K, N): qkv, o_proj, gate_up, down
+        "8b": ((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)),
+        "0.6b": ((1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024)),
+    }
+    best = ((64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 3), (32, 256, 4, 4))
+    for model, shapes in layers.items():
+        assert [gemv_config(n, k) for k, n in shapes] == list(best), model
 
 
 def test_triton_kernels_in_interpreter():

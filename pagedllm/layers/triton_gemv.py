@@ -1,0 +1,70 @@
+"""A Triton matrix-vector product for one-token steps (batch-1 decode): out = x @ w.T (+ bias) for x [1, K].
+
+At one row, a linear layer only streams its weight from HBM. cuBLAS reached 86% of the copy bandwidth on a chain
+of Qwen3-8B's four layer matmuls at batch 1, this kernel 90% (benchmarks/bench_pdl.py on an H200: 107.9 against
+103.3 us a layer; Qwen3-0.6B's 29.5 against 25.7). Each program owns BLOCK_N output columns and walks K in
+BLOCK_K steps, Triton's pipeliner keeping several weight tiles in flight; the row is padded to 16 for tl.dot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.attention.triton_utils import dot_precision
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, 16)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    col_mask = cols[:, None] < N
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(x_ptr + rows[:, None] * 0 + kk[None, :], mask=(rows[:, None] == 0) & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(w_rows + kk[None, :], mask=col_mask & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    result = tl.sum(acc, 0)  # only row 0 is non-zero
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, result.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of bench_gemm.py's sweep at M = 1 on an H200 for each
+    of Qwen3-8B's and Qwen3-0.6B's layers, as a rule of the shape: 64 columns a program where the layer widens (qkv,
+    gate_up), 32 where it narrows (o_proj, down); 128-wide K steps for the widest (gate_up), 256 elsewhere."""
+    block_n = 64 if n > k else 32
+    block_k = 128 if n > 4 * k else 256
+    return block_n, block_k, 4, 3 if block_k == 128 else 4
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv() serves this call: one row on a CUDA device (or Triton's interpreter on the CPU), 16- or 32-bit
+    floats of one dtype, a weight with contiguous rows."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.stride(-1) == 1
+            and weight.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32."""
+    if not supports(x, weight):
+        raise ValueError(f"gemv: needs x [1, K] and weight [N, K] of one float dtype with contiguous rows, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"gemv: x has {x.shape[1]} columns, weight {k}")
+    block_n, block_k, warps, stages = config or gemv_config(n, k)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
+        num_warps=warps, num_stages=stages)
+    return out
