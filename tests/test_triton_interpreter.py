@@ -156,20 +156,6 @@ def test_decode_split_policy():
     assert choose_num_splits(1, 2, cpu) == 2 and choose_num_splits(4, 2, cpu) == 1
 
 
-def test_decode_block_policy():
-    """bf16 tiles of 128 keys below 7 waves of programs over the SMs, 64 from there (the CPU stands in 4 SMs); 64
-    for head_dim above 128, 16 for fp32."""
-    pytest.importorskip("triton")
-    import torch
-
-    from pagedllm.attention.triton_decode import choose_block_n
-    cpu = torch.device("cpu")
-    assert [choose_block_n(p, 128, torch.bfloat16, cpu) for p in (1, 27, 28, 1000)] == [128, 128, 64, 64]
-    assert choose_block_n(1, 128, torch.float16, cpu) == 128
-    assert choose_block_n(1, 256, torch.bfloat16, cpu) == 64
-    assert choose_block_n(1000, 128, torch.float32, cpu) == 16
-
-
 def test_gemv_config_rule():
     """The rule reproduces the measured best configurations of Qwen3-8B's and Qwen3-0.6B's four layers (bench_pdl)."""
     pytest.importorskip("triton")

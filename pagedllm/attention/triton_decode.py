@@ -118,19 +118,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
     return 2 if programs < 2 * sms else 1
 
 
-def choose_block_n(programs: int, head_dim_pad: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Keys per iteration. bf16/fp16, head_dim 128: 128 (one program an SM: its shared memory holds three stages of
-    K and V tiles) while the programs fill fewer than 7 waves over the SMs; from there 64, two programs an SM, whose
-    starts and ends overlap (bench_decode_layout.py on an H200, ragged contexts: 2-3% faster from batch 128 with 8
-    kv heads, equal at 96, 15-25% slower at 64 and below). fp32 runs its dots on FMA units, where larger tiles
-    spill registers."""
-    if dtype == torch.float32:
-        return 16
-    if head_dim_pad > 128:
-        return 64
-    return 64 if programs >= 7 * num_sms(device) else 128
-
-
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int | None = None, *, block_n: int | None = None,
                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
@@ -151,8 +138,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         raise ValueError(f"paged_decode: num_splits must be a power of two >= 1, got {num_splits}")
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
-    if block_n is None:
-        block_n = choose_block_n(num_seqs * num_kv_heads * num_splits, d_pad, q.dtype, q.device)
+    if block_n is None:  # 128 measured best on an H200 for bf16, head_dim 128 (bench_attention.py --tune); 64 is
+        # 2-4% faster on bench_decode_layout.py's batch >= 128 but not on the engine's workload (docs/benchmarks.md)
+        block_n = 128 if d_pad <= 128 else 64
+        if q.dtype == torch.float32:  # fp32 dots run on FMA units; larger tiles spill registers
+            block_n = 16
     if num_stages is None:
         num_stages = 2 if q.dtype == torch.float32 else 3
     k_cache, v_cache = kv_cache[0], kv_cache[1]

@@ -111,7 +111,7 @@ def test_long_decode_every_split_count(dtype):
 
 @pytest.mark.parametrize("block_n", [None, 64, 128])
 def test_large_decode_batch(block_n):
-    """160 ragged decodes with 8 kv heads: 1,280 programs, which take 64-key tiles by default on an H100/H200."""
+    """160 ragged decodes with 8 kv heads (1,280 programs), with the default tiles and both tile widths."""
     from pagedllm.attention.triton_decode import paged_decode
     rng = random.Random(11)
     gen = torch.Generator().manual_seed(11)
