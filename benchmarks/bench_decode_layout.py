@@ -66,7 +66,8 @@ def main() -> int:
           f"{read_bw / 1e9:,.0f} GB/s; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}")
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     rng = random.Random(0)
-    print(f"{'batch':>5} {'page':>4} {'layout':>6} {'splits':>6} {'config (block_n, warps, stages)':>32} {'us':>8} {'GB/s':>7} "
+    print(f"{'batch':>5} {'page':>4} {'layout':>6} {'splits':>6} {'config (block_n, warps, stages)':>32} "
+          f"{'us':>8} {'GB/s':>7} "
           f"{'% copy':>7} {'% read':>7}")
     for batch in (int(x) for x in args.batches.split(",")):
         contexts = sorted((rng.randint(100, 1100) for _ in range(batch)), reverse=True)
@@ -83,7 +84,8 @@ def main() -> int:
             reference = None
             for layout, cache in caches.items():
                 for (block_n, warps, stages), splits in itertools.product(configs, split_counts):
-                    def call(i: int, cache=cache, block_n=block_n, warps=warps, stages=stages, splits=splits) -> None:
+                    def call(i: int, cache=cache, block_n=block_n, warps=warps, stages=stages,
+                             splits=splits) -> None:
                         rows = slice(i * batch, (i + 1) * batch)
                         paged_decode(b.q[rows], cache, b.meta.block_tables[rows], b.meta.seq_lens[rows], scale,
                                      out[rows], splits, block_n=block_n, num_warps=warps, num_stages=stages)

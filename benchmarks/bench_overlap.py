@@ -114,7 +114,8 @@ def main() -> int:
         "pipelined + priority": lambda: pipelined(True),
     }
     print(f"Qwen3-{args.model} shapes, {'CUDA graph' if args.graph else 'eager'}, batch {args.batch}, "
-          f"{args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/{args.kv_heads}, contexts 100..1100 (mean {sum(contexts) / len(contexts):.0f})")
+          f"{args.layers} layers, hidden {h}, inter {args.inter}, heads {args.heads}/{args.kv_heads}, "
+          f"contexts 100..1100 (mean {sum(contexts) / len(contexts):.0f})")
     if args.graph:
         from bench_attention import _graph_ms  # benchmarks/ is on sys.path when this file runs as a script
         results = {name: _graph_ms(lambda i, fn=fn: fn(), 1) for name, fn in cases.items()}

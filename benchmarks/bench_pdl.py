@@ -10,9 +10,10 @@ lets the next kernel launch once its own main loop is done (gdc_launch_dependent
 The chain of --layers layers, each weight its own (as in a model, so the L2 holds none), replayed in one CUDA
 graph; each matmul reads the previous one's output (a prefix of it when the sizes differ). Three ways: cuBLAS
 (what the engine runs), the Triton kernel below without PDL, and with it. Per layer: microseconds and the share
-of the copy bandwidth that the weights' bytes reach.
+of the copy bandwidth that the weights' bytes reach. "engine GEMV" is layers/triton_gemv.py, which the engine's
+linear layers call for one-row steps; --rows 1,2,4,8 times the chains at more rows (tokens in a step), up to 16.
 
-    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36]
+    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1]
     TRITON_INTERPRET=1 python benchmarks/bench_pdl.py --check     # the kernel without PDL, on the CPU
 """
 from __future__ import annotations
@@ -86,14 +87,14 @@ def check() -> int:
     return 0 if worst < 1e-5 else 1
 
 
-def bench(model: str, layers: int) -> int:
+def bench(model: str, layers: int, rows: int) -> int:
     from bench_attention import _graph_ms, copy_bandwidth  # one graph replayed; the copy ceiling
     bandwidth = copy_bandwidth()
     shapes = SHAPES[model]
     dev = dict(device="cuda", dtype=torch.bfloat16)
     weights = [{name: torch.randn(n, k, **dev) * k ** -0.5 for name, (k, n) in shapes.items()} for _ in range(layers)]
-    outs = {name: torch.empty(1, n, **dev) for name, (k, n) in shapes.items()}
-    x0 = torch.randn(1, shapes["qkv"][0], **dev)
+    outs = {name: torch.empty(rows, n, **dev) for name, (k, n) in shapes.items()}
+    x0 = torch.randn(rows, shapes["qkv"][0], **dev)
     layer_bytes = 2 * sum(k * n for k, n in shapes.values())
 
     def chain(matmul) -> torch.Tensor:
@@ -104,13 +105,16 @@ def bench(model: str, layers: int) -> int:
         return x
 
     ways = {
-        "cuBLAS (the engine)": lambda x, w, out, name: torch.mm(x, w.t(), out=out),
+        "cuBLAS": lambda x, w, out, name: torch.mm(x, w.t(), out=out),
         "Triton": lambda x, w, out, name: gemv(x, w, out, CONFIGS[name], pdl=False),
         "Triton + PDL": lambda x, w, out, name: gemv(x, w, out, CONFIGS[name], pdl=True),
+        "engine GEMV": lambda x, w, out, name: engine_gemv(x, w),
     }
-    print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e9:,.0f} GB/s; Qwen3-{model} shapes, batch 1, "
+    from pagedllm.layers.triton_gemv import gemv as engine_gemv  # layers/triton_gemv.py, as the engine calls it
+    print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e9:,.0f} GB/s; Qwen3-{model} shapes, "
+          f"batch {rows}, "
           f"{layers} layers of {layer_bytes / 1e6:.0f} MB")
-    reference = chain(ways["cuBLAS (the engine)"]).float().clone()
+    reference = chain(ways["cuBLAS"]).float().clone()
     w0 = weights[0]["qkv"]
     try:  # does this Triton take the option at all?
         probe = _gemv_kernel[(1,)](x0, w0, outs["qkv"], 1, 64, 256, x0.stride(0), w0.stride(0),
@@ -138,13 +142,14 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
     parser.add_argument("--model", default="8b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--rows", default="1", help="comma-separated row counts (tokens in the step), each <= 16")
     args = parser.parse_args()
     if args.check:
         return check()
     if not torch.cuda.is_available():
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    return bench(args.model, args.layers)
+    return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
 
 
 if __name__ == "__main__":

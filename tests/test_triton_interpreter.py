@@ -96,12 +96,12 @@ def _gemv_checks(emit, gen) -> None:
     import torch.nn.functional as F
 
     from pagedllm.layers.triton_gemv import gemv
-    for n, k, bias, config in ((24, 40, False, (16, 16, 4, 2)), (70, 100, True, (32, 32, 4, 2)),
-                               (33, 300, False, None), (300, 64, True, None)):
-        x, w = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
+    for m, n, k, bias, config in ((1, 24, 40, False, (16, 16, 4, 2)), (3, 70, 100, True, (32, 32, 4, 2)),
+                                  (1, 33, 300, False, None), (16, 300, 64, True, None)):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
         b = torch.randn(n, generator=gen) if bias else None
-        emit(f"gemv_n{n}_k{k}", rel=_rel(gemv(x, w, b, config), F.linear(x.double(), w.double(),
-                                                                          None if b is None else b.double())))
+        emit(f"gemv_m{m}_n{n}_k{k}", rel=_rel(gemv(x, w, b, config), F.linear(x.double(), w.double(),
+                                                                              None if b is None else b.double())))
 
 
 
@@ -167,6 +167,18 @@ def test_gemv_config_rule():
     best = ((64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 3), (32, 256, 4, 4))
     for model, shapes in layers.items():
         assert [gemv_config(n, k) for k, n in shapes] == list(best), model
+
+
+def test_gemv_rejects_what_it_cannot_serve():
+    pytest.importorskip("triton")
+    import torch
+
+    from pagedllm.layers.triton_gemv import gemv
+    w = torch.zeros(8, 32)
+    for x, what in ((torch.zeros(17, 32), "M <= 16"), (torch.zeros(2, 32, dtype=torch.float64), "M <= 16"),
+                    (torch.zeros(1, 31), "31 columns")):
+        with pytest.raises(ValueError, match=what):
+            gemv(x, w if x.shape[1] == 32 else torch.zeros(8, 32))
 
 
 def test_triton_kernels_in_interpreter():

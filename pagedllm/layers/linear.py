@@ -8,9 +8,14 @@ from torch import nn
 import torch.nn.functional as F
 
 
+# Rows up to which a call takes the GEMV: the row counts where it measured faster than cuBLAS on an H200
+# (benchmarks/bench_pdl.py --rows, docs/benchmarks.md).
+GEMV_MAX_ROWS = 1
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16):
             from pagedllm.layers.triton_gemv import gemv, supports
             if supports(x, self.weight):
                 return gemv(x, self.weight, self.bias)

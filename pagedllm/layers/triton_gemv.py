@@ -1,9 +1,10 @@
-"""A Triton matrix-vector product for one-token steps (batch-1 decode): out = x @ w.T (+ bias) for x [1, K].
+"""A Triton matrix-vector product for one-token steps (batch-1 decode): out = x @ w.T (+ bias) for x [M, K], M <= 16
+(the model's Linear calls it for M = 1 only: the one row count measured faster than cuBLAS).
 
 At one row, a linear layer only streams its weight from HBM. cuBLAS reached 86% of the copy bandwidth on a chain
 of Qwen3-8B's four layer matmuls at batch 1, this kernel 90% (benchmarks/bench_pdl.py on an H200: 107.9 against
 103.3 us a layer; Qwen3-0.6B's 29.5 against 25.7). Each program owns BLOCK_N output columns and walks K in
-BLOCK_K steps, Triton's pipeliner keeping several weight tiles in flight; the row is padded to 16 for tl.dot.
+BLOCK_K steps, Triton's pipeliner keeping several weight tiles in flight; the rows are padded to 16 for tl.dot.
 """
 from __future__ import annotations
 
@@ -13,27 +14,31 @@ import triton.language as tl
 
 from pagedllm.attention.triton_utils import dot_precision
 
+MAX_ROWS = 16  # the rows of tl.dot's A tile: calls of up to 16 rows
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_x
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
-        a = tl.load(x_ptr + rows[:, None] * 0 + kk[None, :], mask=(rows[:, None] == 0) & (kk[None, :] < K),
-                    other=0.0)
+        a = tl.load(x_rows + kk[None, :], mask=row_mask & (kk[None, :] < K), other=0.0)
         b = tl.load(w_rows + kk[None, :], mask=col_mask & (kk[None, :] < K), other=0.0)
         acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
-    result = tl.sum(acc, 0)  # only row 0 is non-zero
     if HAS_BIAS:
-        result += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, result.to(out_ptr.dtype.element_ty), mask=cols < N)
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask & (cols[None, :] < N))
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -46,25 +51,26 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether gemv() serves this call: one row on a CUDA device (or Triton's interpreter on the CPU), 16- or 32-bit
-    floats of one dtype, a weight with contiguous rows."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.stride(-1) == 1
+    """Whether gemv() serves this call: 1-16 rows on a CUDA device (or Triton's interpreter on the CPU), 16- or
+    32-bit floats of one dtype, contiguous rows."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype and x.stride(-1) == 1
             and weight.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [1, K] @ weight[N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32."""
+    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in fp32; 1 <= M <= 16."""
     if not supports(x, weight):
-        raise ValueError(f"gemv: needs x [1, K] and weight [N, K] of one float dtype with contiguous rows, got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(f"gemv: needs x [M <= {MAX_ROWS}, K] and weight [N, K] of one float dtype with contiguous "
+                         f"rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
     n, k = weight.shape
     if x.shape[1] != k:
         raise ValueError(f"gemv: x has {x.shape[1]} columns, weight {k}")
     block_n, block_k, warps, stages = config or gemv_config(n, k)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
+        x, weight, bias if bias is not None else out, out, x.shape[0], n, k, x.stride(0), weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
         num_warps=warps, num_stages=stages)
     return out

@@ -143,27 +143,28 @@ GEMV_SHAPES = [(4096, 6144, False), (4096, 4096, False), (4096, 24576, False), (
 
 @pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}{'b' if s[2] else ''}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_matches_fp32_matmul(shape, dtype):
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_gemv_matches_fp32_matmul(shape, dtype, rows):
     from pagedllm.layers.triton_gemv import gemv
     k, n, with_bias = shape
     gen = torch.Generator(device="cuda").manual_seed(k + n)
-    x = torch.randn(1, k, device="cuda", generator=gen).to(dtype)
+    x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
     w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(dtype)
     bias = torch.randn(n, device="cuda", generator=gen).to(dtype) if with_bias else None
     out = gemv(x, w, bias)
     ref = x.float() @ w.float().t() + (bias.float() if with_bias else 0)
-    assert out.shape == (1, n) and out.dtype == dtype
+    assert out.shape == (rows, n) and out.dtype == dtype
     assert _rel(out, ref) < REL_TOL[dtype]
 
 
-def test_linear_takes_gemv_for_one_row_only():
-    """The model's Linear: one bf16 row goes through the Triton GEMV (bit-identical to calling it), more rows and
-    fp32 through F.linear."""
-    from pagedllm.layers.linear import Linear
+def test_linear_takes_gemv_up_to_its_row_limit():
+    """The model's Linear: up to GEMV_MAX_ROWS bf16 rows go through the Triton GEMV (bit-identical to calling it),
+    more rows and fp32 through F.linear."""
+    from pagedllm.layers.linear import GEMV_MAX_ROWS, Linear
     from pagedllm.layers.triton_gemv import gemv
     layer = Linear(512, 384, bias=True).to("cuda", torch.bfloat16)
-    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(layer(x[:1]), gemv(x[:1], layer.weight, layer.bias))
+    x = torch.randn(GEMV_MAX_ROWS + 1, 512, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(layer(x[:GEMV_MAX_ROWS]), gemv(x[:GEMV_MAX_ROWS], layer.weight, layer.bias))
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     layer32 = Linear(512, 384).to("cuda")
     assert torch.equal(layer32(x[:1].float()), F.linear(x[:1].float(), layer32.weight, layer32.bias))
