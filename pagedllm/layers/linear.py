@@ -1,6 +1,6 @@
-"""The decoder's linear layers: nn.Linear, except that a one-row call on a CUDA device in 16-bit floats (a batch-1
-decode step) takes the Triton matrix-vector product of triton_gemv.py, which streams the weight closer to the
-memory's bandwidth than cuBLAS does at that shape."""
+"""The decoder's linear layers: nn.Linear, except that a call of up to GEMV_MAX_ROWS rows on a CUDA device in 16-bit
+floats (a decode step of a few sequences) takes the Triton matrix-vector product of triton_gemv.py, which streams
+the weight closer to the memory's bandwidth than cuBLAS does at those shapes."""
 from __future__ import annotations
 
 import torch
@@ -8,9 +8,10 @@ from torch import nn
 import torch.nn.functional as F
 
 
-# Rows up to which a call takes the GEMV: the row counts where it measured faster than cuBLAS on an H200
-# (benchmarks/bench_pdl.py --rows, docs/benchmarks.md).
-GEMV_MAX_ROWS = 1
+# Rows up to which a call takes the GEMV: where it measured faster than cuBLAS on an H200 for both Qwen3-8B's and
+# Qwen3-0.6B's layers (benchmarks/bench_pdl.py --rows: 3-5% and 10-14% a layer at 1-4 rows; at 8 and 16 rows still
+# 3-7% for 8B's, but 10-19% slower for 0.6B's; docs/benchmarks.md).
+GEMV_MAX_ROWS = 4
 
 
 class Linear(nn.Linear):

@@ -1,5 +1,5 @@
-"""A Triton matrix-vector product for one-token steps (batch-1 decode): out = x @ w.T (+ bias) for x [M, K], M <= 16
-(the model's Linear calls it for M = 1 only: the one row count measured faster than cuBLAS).
+"""A Triton matrix-vector product for steps of a few tokens: out = x @ w.T (+ bias) for x [M, K], M <= 16 (the
+model's Linear calls it up to linear.GEMV_MAX_ROWS rows, where it measured faster than cuBLAS).
 
 At one row, a linear layer only streams its weight from HBM. cuBLAS reached 86% of the copy bandwidth on a chain
 of Qwen3-8B's four layer matmuls at batch 1, this kernel 90% (benchmarks/bench_pdl.py on an H200: 107.9 against
