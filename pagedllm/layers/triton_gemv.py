@@ -1,9 +1,9 @@
 """A Triton matrix-vector product for steps of a few tokens: out = x @ w.T (+ bias) for x [M, K], M <= 16 (the
 model's Linear calls it up to linear.GEMV_MAX_ROWS rows, where it measured faster than cuBLAS).
 
-At one row, a linear layer only streams its weight from HBM. cuBLAS reached 86% of the copy bandwidth on a chain
-of Qwen3-8B's four layer matmuls at batch 1, this kernel 90% (benchmarks/bench_pdl.py on an H200: 107.9 against
-103.3 us a layer; Qwen3-0.6B's 29.5 against 25.7). Each program owns BLOCK_N output columns and walks K in
+At a few rows, a linear layer only streams its weight from HBM. On a chain of Qwen3-8B's four layer matmuls at
+batch 1, cuBLAS reached 86% of the copy bandwidth and this kernel 91% (benchmarks/bench_pdl.py on an H200: 107.9
+against 102.1 us a layer; Qwen3-0.6B's 29.6 against 25.5). Each program owns BLOCK_N output columns and walks K in
 BLOCK_K steps, Triton's pipeliner keeping several weight tiles in flight; the rows are padded to 16 for tl.dot.
 """
 from __future__ import annotations
@@ -70,7 +70,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else out, out, x.shape[0], n, k, x.stride(0), weight.stride(0),
-        out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
-        num_warps=warps, num_stages=stages)
+        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out
