@@ -19,73 +19,38 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _exp1_log(u):
-    """-log(e) for e = -log(1 - v) ~ Exp(1), v = u plus half its step (2**-32): uniform in (0, 1), never 0, fine-
-    grained near 0; e by its series where 1 - v would round (the winners' e are the small ones). Adding it to
-    logits / T gives the Gumbel-max draw."""
-    v = u + 2.3283064e-10
-    e = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))), -tl.log(1.0 - v))
-    return -tl.log(e)
-
-
-@triton.jit
 def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, part_score_ptr, part_col_ptr,
-                          vocab, span, stride_row, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
-    """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span).
-    One Philox call gives four words: column c takes word c % 4 of counter c // 4 (chunks start at multiples of 4),
-    so a column's number depends neither on BLOCK nor on the splits. STRIDED: lane g reads columns 4g .. 4g + 3 of a
-    chunk as four loads, one per word; otherwise the four words are joined into the chunk's column order. Both give
-    the same scores and the same winner."""
+                          vocab, span, stride_row, BLOCK: tl.constexpr):
+    """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * stride_row
     temperature = tl.load(temperature_ptr + row)
     greedy = (tl.load(greedy_ptr + row) != 0) | (temperature == 0.0)
     seed = tl.load(seeds_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)  # running max of each lane over the chunks
+    best_col = tl.zeros([BLOCK], tl.int32)
     lo = split * span
     hi = tl.minimum(lo + span, vocab)
     groups = tl.arange(0, BLOCK // 4)
-    if STRIDED:
-        best = tl.full([BLOCK // 4], float("-inf"), tl.float32)  # running max of each lane over the chunks
-        best_col = tl.zeros([BLOCK // 4], tl.int32)
-        for start in range(lo, hi, BLOCK):
-            c0 = start + 4 * groups
-            s0 = tl.load(row_ptr + c0, mask=c0 < hi, other=float("-inf")).to(tl.float32)
-            s1 = tl.load(row_ptr + c0 + 1, mask=c0 + 1 < hi, other=float("-inf")).to(tl.float32)
-            s2 = tl.load(row_ptr + c0 + 2, mask=c0 + 2 < hi, other=float("-inf")).to(tl.float32)
-            s3 = tl.load(row_ptr + c0 + 3, mask=c0 + 3 < hi, other=float("-inf")).to(tl.float32)
-            if not greedy:
-                u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + groups)
-                s0 = s0 / temperature + _exp1_log(u0)
-                s1 = s1 / temperature + _exp1_log(u1)
-                s2 = s2 / temperature + _exp1_log(u2)
-                s3 = s3 / temperature + _exp1_log(u3)
-            # the best of the lane's four columns, the lowest on ties; then against the lane's earlier chunks
-            top4, col4 = s0, c0
-            take = s1 > top4
-            top4, col4 = tl.where(take, s1, top4), tl.where(take, c0 + 1, col4)
-            take = s2 > top4
-            top4, col4 = tl.where(take, s2, top4), tl.where(take, c0 + 2, col4)
-            take = s3 > top4
-            top4, col4 = tl.where(take, s3, top4), tl.where(take, c0 + 3, col4)
-            take = top4 > best  # strict: a lane keeps its earliest column on ties
-            best = tl.where(take, top4, best)
-            best_col = tl.where(take, col4, best_col)
-    else:
-        lanes = tl.arange(0, BLOCK)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_col = tl.zeros([BLOCK], tl.int32)
-        for start in range(lo, hi, BLOCK):
-            cols = start + lanes
-            score = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
-            if not greedy:
-                # The joins lay the four words out as columns 4g, 4g + 1, 4g + 2, 4g + 3.
-                u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + groups)
-                u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
-                score = score / temperature + _exp1_log(u)
-            take = score > best  # strict: a lane keeps its earliest column on ties
-            best = tl.where(take, score, best)
-            best_col = tl.where(take, cols, best_col)
+    for start in range(lo, hi, BLOCK):
+        cols = start + lanes
+        score = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+        if not greedy:
+            # One Philox call gives four words: column c takes word c % 4 of counter c // 4 (chunks start at
+            # multiples of 4), so a column's number does not depend on BLOCK or the splits. The joins lay the four
+            # words out as columns 4g, 4g + 1, 4g + 2, 4g + 3.
+            u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + groups)
+            u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+            # v: u plus half its step (2**-32), uniform in (0, 1), never 0, fine-grained near 0. e = -log(1 - v)
+            # is Exp(1), by its series where 1 - v would round (the winners' e are the small ones); G = -log(e).
+            v = u + 2.3283064e-10
+            e = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))), -tl.log(1.0 - v))
+            score = score / temperature - tl.log(e)
+        take = score > best  # strict: a lane keeps its earliest column on ties
+        best = tl.where(take, score, best)
+        best_col = tl.where(take, cols, best_col)
     top = tl.max(best, 0)
     part = row * tl.num_programs(1) + split
     tl.store(part_score_ptr + part, top)
@@ -102,11 +67,11 @@ def choose_num_splits(batch: int, vocab: int, block: int, device: torch.device) 
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor,
-                  block: int = 2048, num_splits: int | None = None, strided: bool = True) -> torch.Tensor:
+                  block: int = 2048, num_splits: int | None = None) -> torch.Tensor:
     """One token per row of logits [B, V] (float16, bfloat16 or float32): a draw from softmax(logits / T) with the
     row's seed (int64), or the argmax where greedy (bool) is set or the temperature (float32) is 0. Returns int64 [B].
-    block (a power of two), num_splits (programs per row) and strided (the kernel's two layouts of a chunk)
-    override the defaults (tests, benchmarks); the tokens depend on none of them."""
+    block (a power of two) and num_splits (programs per row) override the defaults (tests, benchmarks); the tokens
+    do not depend on either."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"gumbel_sample: logits must be [batch, vocab] with vocab > 0, got {tuple(logits.shape)}")
     if logits.dtype not in SUPPORTED_DTYPES:
@@ -135,7 +100,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
     if batch > 0:
         _gumbel_argmax_kernel[(batch, num_splits)](
             logits, temperature.contiguous(), greedy.contiguous().view(torch.uint8), seeds.contiguous(),
-            part_score, part_col, vocab, span, logits.stride(0), BLOCK=block, STRIDED=strided,
+            part_score, part_col, vocab, span, logits.stride(0), BLOCK=block,
             num_warps=max(1, min(8, block // 256)))
     if num_splits == 1:
         return part_col[:, 0]
