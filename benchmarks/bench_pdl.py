@@ -8,10 +8,11 @@ before it drains: it loads its first weight tile, then waits (gdc_wait) for the 
 lets the next kernel launch once its own main loop is done (gdc_launch_dependents).
 
 The chain of --layers layers, each weight its own (as in a model, so the L2 holds none), replayed in one CUDA
-graph; each matmul reads the previous one's output (a prefix of it when the sizes differ). Three ways: cuBLAS
-(what the engine runs), the Triton kernel below without PDL, and with it. Per layer: microseconds and the share
-of the copy bandwidth that the weights' bytes reach. "engine GEMV" is layers/triton_gemv.py, which the engine's
-linear layers call for one-row steps; --rows 1,2,4,8 times the chains at more rows (tokens in a step), up to 16.
+graph; each matmul reads the previous one's output (a prefix of it when the sizes differ). Four ways: cuBLAS
+(what the engine runs above 4 rows), the Triton kernel below without PDL, and with it, and "engine GEMV",
+layers/triton_gemv.py, which the engine's linear layers call for steps of up to 4 rows. Per layer: microseconds
+and the share of the copy bandwidth that the weights' bytes reach. --rows 1,2,4,8 times the chains at more rows
+(tokens in a step), up to 16.
 
     python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1]
     TRITON_INTERPRET=1 python benchmarks/bench_pdl.py --check     # the kernel without PDL, on the CPU
