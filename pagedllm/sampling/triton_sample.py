@@ -2,8 +2,8 @@
 argmax_v(logits[v] / T + G[v]), G = -log(-log(U)) with U drawn from Philox (tl.rand4x: four columns per call) keyed
 by the row's seed and counted by the column, which is a draw from softmax(logits / T); greedy rows (flag, or
 T == 0) take the plain argmax. Ties go to the lowest index, as torch.argmax; -inf entries are never chosen (an all
--inf row gives 0). A small batch also splits the vocabulary over several programs per row; a torch argmax over the splits' partial
-maxima then picks the token.
+-inf row gives 0). A small batch also splits the vocabulary over several programs per row; a torch argmax over the
+splits' partial maxima then picks the token.
 
 A row's draw depends only on its seed (seeds.py derives them), never on the rest of the batch.
 """
