@@ -138,19 +138,67 @@ def bench(model: str, layers: int, rows: int) -> int:
     return 0
 
 
+def bench_layer(model: str, layers: int, rows: int) -> int:
+    """The engine's small-step decoder layer without attention, in one graph: the two RMSNorms and SiLU-and-mul as
+    kernels of their own between the four GEMVs, against Linear.normed's fusion of them into the GEMVs."""
+    from bench_attention import _graph_ms, copy_bandwidth
+    from pagedllm.layers.triton_gemv import gemv
+    from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
+    bandwidth = copy_bandwidth()
+    shapes = SHAPES[model]
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    hidden, q_size, inter = shapes["qkv"][0], shapes["o_proj"][0], shapes["down"][0]
+    weights = [{name: torch.randn(n, k, **dev) * k ** -0.5 for name, (k, n) in shapes.items()} for _ in range(layers)]
+    norms = [(torch.rand(hidden, **dev) + 0.5, torch.rand(hidden, **dev) + 0.5) for _ in range(layers)]
+    x0, res0 = torch.randn(rows, hidden, **dev), torch.randn(rows, hidden, **dev)
+    layer_bytes = 2 * sum(k * n for k, n in shapes.values())
+
+    def apart(i=0):
+        x, res = x0, res0
+        for w, (g1, g2) in zip(weights, norms):
+            h, res = rms_norm(x, g1, 1e-6, res)
+            o = gemv(gemv(h, w["qkv"])[:, :q_size], w["o_proj"])
+            h, res = rms_norm(o, g2, 1e-6, res)
+            x = gemv(silu_and_mul(gemv(h, w["gate_up"])), w["down"])
+        return x
+
+    def fused(i=0):
+        x, res = x0, res0
+        for w, (g1, g2) in zip(weights, norms):
+            qkv, res = gemv(x, w["qkv"], norm=(g1, 1e-6), residual=res)
+            o = gemv(qkv[:, :q_size], w["o_proj"])
+            h, res = gemv(o, w["gate_up"], norm=(g2, 1e-6), residual=res, silu_and_mul=True)
+            x = gemv(h, w["down"])
+        return x
+
+    assert inter * 2 == shapes["gate_up"][1]
+    reference = apart().float()
+    print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e9:,.0f} GB/s; Qwen3-{model} layers without "
+          f"attention, batch {rows}, {layers} layers of {layer_bytes / 1e6:.0f} MB")
+    for name, way in (("norms apart", apart), ("norms fused", fused)):
+        err = float((way().float() - reference).norm() / reference.norm())
+        us = 1e3 * _graph_ms(way, 1) / layers
+        print(f"{name:>20}: {us:7.1f} us a layer, {100 * layer_bytes / (us * 1e-6) / bandwidth:5.1f}% of the copy "
+              f"bandwidth (output vs norms apart: relative difference {err:.1e})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness at tiny float32 shapes only")
     parser.add_argument("--model", default="8b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--rows", default="1", help="comma-separated row counts (tokens in the step), each <= 16")
+    parser.add_argument("--layer", action="store_true",
+                        help="the engine's GEMV layer with the norms and SiLU apart or fused, instead of the chains")
     args = parser.parse_args()
     if args.check:
         return check()
     if not torch.cuda.is_available():
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
+    run = bench_layer if args.layer else bench
+    return max(run(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
 
 
 if __name__ == "__main__":

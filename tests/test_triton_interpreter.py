@@ -103,6 +103,38 @@ def _gemv_checks(emit, gen) -> None:
         b = torch.randn(n, generator=gen) if bias else None
         emit(f"gemv_m{m}_n{n}_k{k}", rel=_rel(gemv(x, w, b, config), F.linear(x.double(), w.double(),
                                                                               None if b is None else b.double())))
+    _fused_gemv_checks(emit, gen)
+
+
+def _fused_gemv_checks(emit, gen) -> None:
+    """The GEMV with RMSNorm (+ residual) before it and SiLU-and-mul after it, against the layers' CPU code (RMSNorm,
+    F.linear, activation.silu_and_mul): K not a multiple of the K step (the loads one step ahead run past K), a
+    bias, the next residual bit-exact."""
+    import torch
+    import torch.nn.functional as F
+
+    from pagedllm.layers.activation import silu_and_mul
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.triton_gemv import gemv
+
+    for m, n, k, bias, config in ((1, 24, 40, True, (16, 16, 4, 2)), (3, 70, 300, False, None),
+                                  (4, 64, 100, False, (32, 32, 4, 2))):
+        norm = RMSNorm(k, 1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(k, generator=gen) * 0.5 + 1)
+        x, res = torch.randn(m, k, generator=gen), torch.randn(m, k, generator=gen)
+        w, w2 = torch.randn(n, k, generator=gen), torch.randn(2 * n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        h, expect_res = norm(x, res)
+        with torch.no_grad():
+            out, new_res = gemv(x, w, b, config, norm=(norm.weight, norm.eps), residual=res)
+            emit(f"gemv_norm_residual_m{m}_k{k}", rel=_rel(out, F.linear(h, w, b)),
+                 exact=bool(torch.equal(new_res, expect_res)))
+            out = gemv(x, w, b, config, norm=(norm.weight, norm.eps))
+            emit(f"gemv_norm_m{m}_k{k}", rel=_rel(out, F.linear(norm(x), w, b)))
+            out, _ = gemv(x, w2, None, config, norm=(norm.weight, norm.eps), residual=res, silu_and_mul=True)
+            emit(f"gemv_norm_silu_m{m}_k{k}", rel=_rel(out, silu_and_mul(F.linear(h, w2))))
+            emit(f"gemv_silu_m{m}_k{k}", rel=_rel(gemv(x, w2, silu_and_mul=True), silu_and_mul(F.linear(x, w2))))
 
 
 
@@ -180,6 +212,14 @@ def test_gemv_rejects_what_it_cannot_serve():
                     (torch.zeros(1, 31), "31 columns")):
         with pytest.raises(ValueError, match=what):
             gemv(x, w)
+    x, g = torch.zeros(2, 32), torch.ones(32)
+    for weight, kwargs, what in ((w, dict(residual=x), "needs a norm"),
+                                 (w, dict(norm=(g, 1e-6), residual=x[:1]), "x's shape"),
+                                 (w, dict(norm=(g[:16], 1e-6)), "does not match K"),
+                                 (w, dict(bias=torch.zeros(8), silu_and_mul=True), "no bias"),
+                                 (torch.zeros(7, 32), dict(silu_and_mul=True), "even rows")):
+        with pytest.raises(ValueError, match=what):
+            gemv(x, weight, **kwargs)
 
 
 def test_triton_kernels_in_interpreter():

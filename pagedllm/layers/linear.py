@@ -1,11 +1,15 @@
 """The decoder's linear layers: nn.Linear, except that a call of up to GEMV_MAX_ROWS rows on a CUDA device in 16-bit
 floats (a decode step of a few sequences) takes the Triton matrix-vector product of triton_gemv.py, which streams
-the weight closer to the memory's bandwidth than cuBLAS does at those shapes."""
+the weight closer to the memory's bandwidth than cuBLAS does at those shapes. Linear.normed() runs the RMSNorm
+before the layer (and SiLU-and-mul after it) in that same kernel; at more rows, as separate kernels."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from pagedllm.layers.activation import silu_and_mul
+from pagedllm.layers.norm import RMSNorm
 
 
 # Rows up to which a call takes the GEMV: where it measured faster than cuBLAS on an H200 for both Qwen3-8B's and
@@ -15,9 +19,32 @@ GEMV_MAX_ROWS = 4
 
 
 class Linear(nn.Linear):
+    def _takes_gemv(self, x: torch.Tensor) -> bool:
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
+                and x.dtype in (torch.bfloat16, torch.float16)):
+            return False
+        from pagedllm.layers.triton_gemv import supports
+        return supports(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16):
-            from pagedllm.layers.triton_gemv import gemv, supports
-            if supports(x, self.weight):
-                return gemv(x, self.weight, self.bias)
+        if self._takes_gemv(x):
+            from pagedllm.layers.triton_gemv import gemv
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+               act_silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer applied to norm(x + residual) (norm(x) when residual is None), then SiLU-and-mul over its
+        [gate | up] output if asked: returns (out, the next residual: x + residual, or x without one)."""
+        fusable = residual is None or residual.stride(-1) == 1
+        if self._takes_gemv(x) and fusable and not (act_silu_and_mul and self.bias is not None):
+            from pagedllm.layers.triton_gemv import gemv
+            out = gemv(x, self.weight, self.bias, norm=(norm.weight, norm.eps), residual=residual,
+                       silu_and_mul=act_silu_and_mul)
+            return out if residual is not None else (out, x)
+        if residual is None:
+            h, residual = norm(x), x
+        else:
+            h, residual = norm(x, residual)
+        out = self(h)
+        return (silu_and_mul(out) if act_silu_and_mul else out), residual

@@ -9,7 +9,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
@@ -35,8 +34,10 @@ class Attention(nn.Module):
         self.backend = backend
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, head_dim], bound later
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(x + residual): returns (its output, the new residual)."""
+        qkv, residual = self.qkv_proj.normed(x, residual, norm)
         if self.backend.name == "triton":  # one fused kernel: q/k norms, rotary and the KV write
             from pagedllm.layers.triton_qkv import qkv_prepare
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         else:
             q = self._prepare(qkv, positions, meta)
         out = self.backend.attend(q, self.kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.q_size)), residual
 
     def _prepare(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q/k norms, rotary and the KV write, one op at a time: returns q [num_tokens, num_heads, head_dim]."""
@@ -67,13 +68,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda:
-            from pagedllm.layers.triton_ops import silu_and_mul
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP over norm(x + residual): returns (its output, the new residual)."""
+        h, residual = self.gate_up_proj.normed(x, residual, norm, act_silu_and_mul=True)
+        return self.down_proj(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -85,13 +83,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, positions, x, residual, meta):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each norm runs inside the projection after it (Linear.normed): one kernel at decode's few rows.
+        x, residual = self.self_attn(positions, x, residual, meta, self.input_layernorm)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):

@@ -168,3 +168,50 @@ def test_linear_takes_gemv_up_to_its_row_limit():
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     layer32 = Linear(512, 384).to("cuda")
     assert torch.equal(layer32(x[:1].float()), F.linear(x[:1].float(), layer32.weight, layer32.bias))
+
+
+# (K, N): Qwen3-8B's qkv and gate_up ([gate; up], 2 x 12288), Qwen3-0.6B's, a ragged K (the loads one step ahead)
+FUSED_GEMV_SHAPES = [(4096, 6144), (4096, 24576), (1024, 4096), (1024, 6144), (1000, 334)]
+
+
+@pytest.mark.parametrize("shape", FUSED_GEMV_SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_gemv_with_norm_and_silu_matches_fp32(shape, dtype, rows):
+    """RMSNorm(x + residual) @ w.T, and its SiLU-and-mul, against the same in fp32; the next residual is exactly
+    the rounded sum."""
+    from pagedllm.layers.triton_gemv import gemv
+    k, n = shape
+    gen = torch.Generator(device="cuda").manual_seed(k * n)
+    x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
+    res = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
+    g = (torch.rand(k, device="cuda", generator=gen) + 0.5).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(dtype)
+    s = (x + res).float()
+    h = g.float() * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+    out, new_res = gemv(x, w, norm=(g, 1e-6), residual=res)
+    assert torch.equal(new_res, x + res)
+    assert out.shape == (rows, n) and _rel(out, h @ w.float().t()) < REL_TOL[dtype]
+    gate_up = h @ w.float().t()
+    act, _ = gemv(x, w, norm=(g, 1e-6), residual=res, silu_and_mul=True)
+    expect = F.silu(gate_up[:, :n // 2]) * gate_up[:, n // 2:]
+    assert act.shape == (rows, n // 2) and _rel(act, expect) < 2 * REL_TOL[dtype]
+
+
+def test_linear_normed_fuses_up_to_its_row_limit():
+    """Linear.normed: up to GEMV_MAX_ROWS rows one fused kernel, above it RMSNorm, F.linear and SiLU-and-mul
+    apart; both give the same next residual and agree to bf16 rounding."""
+    from pagedllm.layers.linear import GEMV_MAX_ROWS, Linear
+    from pagedllm.layers.norm import RMSNorm
+    layer = Linear(512, 768, bias=False).to("cuda", torch.bfloat16)
+    norm = RMSNorm(512, 1e-6).to("cuda", torch.bfloat16)
+    x = torch.randn(GEMV_MAX_ROWS + 1, 512, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(x)
+    for act in (False, True):
+        fused, fused_res = layer.normed(x[:GEMV_MAX_ROWS], res[:GEMV_MAX_ROWS], norm, act_silu_and_mul=act)
+        apart, apart_res = layer.normed(x, res, norm, act_silu_and_mul=act)
+        assert torch.equal(fused_res, apart_res[:GEMV_MAX_ROWS]) and torch.equal(apart_res, x + res)
+        assert _rel(fused, apart[:GEMV_MAX_ROWS]) < 2 * REL_TOL[torch.bfloat16]
+    first, first_res = layer.normed(x[:1], None, norm)  # the first layer: no residual yet
+    assert first_res is x[:1] or torch.equal(first_res, x[:1])
+    assert _rel(first, F.linear(norm(x[:1]), layer.weight)) < REL_TOL[torch.bfloat16]
