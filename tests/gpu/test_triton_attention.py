@@ -263,3 +263,39 @@ def test_prefill_compiles_once_for_any_batch_composition():
         _check_batch(batch, 128 ** -0.5, f"decodes {num_decodes} prefills {num_prefills}")
         counts.append(compiled() - before)
     assert max(counts) <= 1, f"new compiled variants of the prefill kernel after each call: {counts}"
+
+
+# (heads, kv_heads, head_dim, block_size, q/k norms): Qwen3-8B's, Qwen3-0.6B's, Llama-like MHA without norms, MQA
+# with a head_dim that pads
+QKV_DECODE_SHAPES = [(32, 8, 128, 16, True), (16, 8, 128, 16, True), (8, 8, 64, 32, False), (4, 1, 80, 16, True)]
+
+
+@pytest.mark.parametrize("shape", QKV_DECODE_SHAPES, ids=lambda s: "h{}kv{}d{}b{}{}".format(*s[:4], "n" * s[4]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs", [1, 3, 64, 256])
+def test_decode_from_qkv_matches_the_layers(shape, dtype, num_seqs):
+    """paged_decode_qkv (q/k norms, rotary, KV write and attention in one kernel) against the layers' torch code:
+    every split count the batch picks, contexts of 1 to 8k, graph padding; the cache written as the reference
+    writes it."""
+    from pagedllm.attention.triton_decode import paged_decode_qkv
+    from tests.qkv_decode_case import make_case, reference
+    heads, kv_heads, head_dim, block_size, qk_norm = shape
+    rng = random.Random(num_seqs * head_dim)
+    lens = [rng.choice([1, 2, rng.randint(3, 600), rng.randint(600, 8192)]) for _ in range(num_seqs)]
+    if num_seqs > 1:
+        lens[-1] = 0  # graph padding
+    gen = torch.Generator().manual_seed(num_seqs)
+    case = make_case(lens, heads, kv_heads, head_dim, block_size, qk_norm, dtype, "cuda", gen)
+    ref, ref_cache = reference(case, head_dim ** -0.5)
+    b = case.batch
+    out = torch.full((num_seqs, heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+    paged_decode_qkv(case.qkv, case.positions, heads, case.rotary.cos_cache, case.rotary.sin_cache, b.kv_cache,
+                     b.meta.slot_mapping, b.meta.block_tables, b.meta.seq_lens, head_dim ** -0.5, out, *case.norms)
+    live = torch.tensor([n > 0 for n in lens], device="cuda")
+    assert out.isfinite().all()
+    assert _rel(out[live], ref[live]) < REL_TOL[dtype]
+    slots = b.meta.slot_mapping[live]
+    k_got, k_ref = b.kv_cache[0].flatten(0, 1)[slots], ref_cache[0].flatten(0, 1)[slots]
+    assert _rel(k_got, k_ref) < REL_TOL[dtype]  # the norm's sum runs in another order: not always bit-equal
+    b.kv_cache[0].flatten(0, 1)[slots] = k_ref
+    assert torch.equal(b.kv_cache, ref_cache)  # v as is, and nothing but the new slots written
