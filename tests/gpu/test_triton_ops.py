@@ -199,19 +199,26 @@ def test_gemv_with_norm_and_silu_matches_fp32(shape, dtype, rows):
 
 
 def test_linear_normed_fuses_up_to_its_row_limit():
-    """Linear.normed: up to GEMV_MAX_ROWS rows one fused kernel, above it RMSNorm, F.linear and SiLU-and-mul
-    apart; both give the same next residual and agree to bf16 rounding."""
-    from pagedllm.layers.linear import GEMV_MAX_ROWS, Linear
+    """Linear.normed: up to FUSED_MAX_ROWS rows the fused GEMV (bit-identical to calling it), above it RMSNorm,
+    the layer and SiLU-and-mul apart (bit-identical to calling them); the two agree to bf16 rounding."""
+    from pagedllm.layers.linear import FUSED_MAX_ROWS, Linear
     from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.triton_gemv import gemv
+    from pagedllm.layers.triton_ops import silu_and_mul
     layer = Linear(512, 768, bias=False).to("cuda", torch.bfloat16)
     norm = RMSNorm(512, 1e-6).to("cuda", torch.bfloat16)
-    x = torch.randn(GEMV_MAX_ROWS + 1, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(FUSED_MAX_ROWS + 1, 512, device="cuda", dtype=torch.bfloat16)
     res = torch.randn_like(x)
+    few, few_res = x[:FUSED_MAX_ROWS], res[:FUSED_MAX_ROWS]
     for act in (False, True):
-        fused, fused_res = layer.normed(x[:GEMV_MAX_ROWS], res[:GEMV_MAX_ROWS], norm, act_silu_and_mul=act)
+        fused, fused_res = layer.normed(few, few_res, norm, act_silu_and_mul=act)
+        expect, _ = gemv(few, layer.weight, norm=(norm.weight, norm.eps), residual=few_res, silu_and_mul=act)
+        assert torch.equal(fused, expect) and torch.equal(fused_res, few + few_res)
         apart, apart_res = layer.normed(x, res, norm, act_silu_and_mul=act)
-        assert torch.equal(fused_res, apart_res[:GEMV_MAX_ROWS]) and torch.equal(apart_res, x + res)
-        assert _rel(fused, apart[:GEMV_MAX_ROWS]) < 2 * REL_TOL[torch.bfloat16]
+        h, _ = norm(x, res)
+        expect = layer(h)
+        assert torch.equal(apart, silu_and_mul(expect) if act else expect) and torch.equal(apart_res, x + res)
+        assert _rel(fused, apart[:FUSED_MAX_ROWS]) < 2 * REL_TOL[torch.bfloat16]
     first, first_res = layer.normed(x[:1], None, norm)  # the first layer: no residual yet
-    assert first_res is x[:1] or torch.equal(first_res, x[:1])
+    assert torch.equal(first_res, x[:1])
     assert _rel(first, F.linear(norm(x[:1]), layer.weight)) < REL_TOL[torch.bfloat16]
