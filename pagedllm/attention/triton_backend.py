@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.attention.triton_decode import paged_decode, paged_decode_qkv
+from pagedllm.attention.triton_decode import paged_decode
 from pagedllm.attention.triton_kv_write import write_kv
 from pagedllm.attention.triton_prefill import paged_prefill
 from pagedllm.attention.triton_utils import check_attention_inputs
@@ -37,19 +37,3 @@ class TritonAttentionBackend:
             paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, out,
                           first_seq=num_decodes)
         return out
-
-    def attend_decodes_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, num_heads: int,
-                           cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float, q_norm: torch.Tensor | None = None,
-                           k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-        """A step of decodes only, straight from the qkv projection's output [num_seqs, width]: q/k norms (if
-        given), rotary, the KV write and attention in one kernel (triton_decode.paged_decode_qkv). Returns
-        [num_seqs, num_heads, head_dim]."""
-        num_seqs = meta.seq_lens.shape[0]
-        if not meta.num_decodes == num_seqs == qkv.shape[0]:
-            raise ValueError(f"attend_decodes_qkv: needs a step of decodes only, got {meta.num_decodes} decodes, "
-                             f"{num_seqs} sequences and {qkv.shape[0]} tokens")
-        head_dim = qkv.shape[1] // (num_heads + 2 * kv_cache.shape[3])
-        out = torch.empty(num_seqs, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-        return paged_decode_qkv(qkv, positions, num_heads, cos_cache, sin_cache, kv_cache, meta.slot_mapping,
-                                meta.block_tables, meta.seq_lens, scale, out, q_norm, k_norm, eps)
