@@ -14,7 +14,10 @@ layers/triton_gemv.py, which the engine's linear layers call for steps of up to 
 and the share of the copy bandwidth that the weights' bytes reach. --rows 1,2,4,8 times the chains at more rows
 (tokens in a step), up to 16.
 
-    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1]
+--layer times the engine's small-step decoder layer without attention instead: the two RMSNorms and SiLU-and-mul
+as kernels of their own between the GEMVs, against Linear.normed's fusion of them into the GEMVs.
+
+    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1] [--layer]
     TRITON_INTERPRET=1 python benchmarks/bench_pdl.py --check     # the kernel without PDL, on the CPU
 """
 from __future__ import annotations
