@@ -2,7 +2,9 @@
 in, RMSNorm (+ residual add) before the qkv and gate_up projections and SiLU-and-mul before the down projection, so
 that a decoder layer runs four kernels instead of seven. bench_gemm.py --fused measures it against what the engine
 runs (cuBLAS with the separate norm and SiLU kernels); on an H200 it lost at every batch size but one
-(docs/benchmarks.md, "A fused linear layer for small batches"). Kept for the next attempt.
+(docs/benchmarks.md, "A fused linear layer for small batches"). The engine's fusion for steps of one or two
+tokens is now the GEMV's (pagedllm/layers/triton_gemv.py: the rms applied after the loop, SiLU-and-mul in gate_up's
+epilogue); this file stays as the record of the first attempt, which bench_gemm.py --fused still runs.
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K:
 - RMSNorm prologue: a first pass over the whole row (M x K, a few KiB, from L2) gives each row's rms; the tiles of

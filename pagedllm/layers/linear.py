@@ -44,9 +44,9 @@ class Linear(nn.Linear):
         fusable = residual is None or residual.stride(-1) == 1
         if self._takes_gemv(x, FUSED_MAX_ROWS) and fusable and not (act_silu_and_mul and self.bias is not None):
             from pagedllm.layers.triton_gemv import gemv
-            out = gemv(x, self.weight, self.bias, norm=(norm.weight, norm.eps), residual=residual,
-                       silu_and_mul=act_silu_and_mul)
-            return out if residual is not None else (out, x)
+            fused = gemv(x, self.weight, self.bias, norm=(norm.weight, norm.eps), residual=residual,
+                         silu_and_mul=act_silu_and_mul)
+            return fused if residual is not None else (fused, x)  # with a residual, gemv returns the pair
         if residual is None:
             h, residual = norm(x), x
         else:
