@@ -26,7 +26,7 @@ def _attention_checks(emit) -> None:
 
     from pagedllm.attention.torch_ref import paged_attention_ref, write_kv_ref
     from pagedllm.attention.triton_backend import TritonAttentionBackend
-    from pagedllm.attention.triton_decode import paged_decode
+    from pagedllm.attention.triton_decode import paged_decode, split_counters
     from pagedllm.attention.triton_prefill import paged_prefill
     from pagedllm.attention.triton_testing import make_paged_batch
 
@@ -58,6 +58,13 @@ def _attention_checks(emit) -> None:
                          num_splits=4)
             emit(f"decode_split4[{idx}]", rel=_rel(dec[live[:nd]], ref[:nd][live[:nd]]),
                  finite=bool(dec.isfinite().all()))
+            # The last split of each (sequence, kv head) merged and set its counter back: a second launch agrees.
+            counters = split_counters(batch.q.device)
+            again = torch.full_like(dec, float("nan"))
+            paged_decode(batch.q[:nd], batch.kv_cache, batch.meta.block_tables, batch.meta.seq_lens, scale, again,
+                         num_splits=4)
+            emit(f"decode_split4_again[{idx}]", exact=bool(torch.equal(again, dec)),
+                 counters_zero=not bool(counters.any()))
         if nd < len(lens):
             pre = torch.full_like(batch.q, float("nan"))
             paged_prefill(batch.q, batch.kv_cache, batch.meta.query_start_loc, batch.meta.seq_lens,
@@ -228,7 +235,7 @@ def test_triton_kernels_in_interpreter():
     for rec in lines:
         if "rel" in rec and not rec["rel"] <= REL_TOL:  # NaN fails too
             failures.append(rec)
-        if rec.get("finite") is False or rec.get("exact") is False:
+        if rec.get("finite") is False or rec.get("exact") is False or rec.get("counters_zero") is False:
             failures.append(rec)
     assert len(lines) >= 20, f"too few checks ran: {lines}"
     assert not failures, f"kernels disagree with the torch reference: {failures}"

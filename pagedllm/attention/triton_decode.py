@@ -5,7 +5,9 @@ batch ordered longest context first (the model runner orders decodes so) runs it
 short ones fill the tail of the last wave. A program serves every query head of one kv head (the GQA group is
 the rows of its tl.dot, padded to 16), so K/V are read from HBM once per kv head. When the batch alone cannot fill
 the GPU, each sequence's context is cut into `num_splits` chunks, each program writes a normalised partial output
-and its log-sum-exp, and a second kernel merges them. `num_splits` depends only on the batch shape and the device,
+and its log-sum-exp, and the last program of a (sequence, kv head) to finish merges them: it knows it is last from
+an atomic counter, which it then sets back to 0 for the next launch. That spares a second kernel and its launch gap
+per layer, which a small decode step (where the splits are) pays 28-36 times. `num_splits` depends only on the batch shape and the device,
 never on sequence lengths, so the launch is CUDA-graph capturable; a program whose chunk starts past its
 sequence's end runs no iterations (a seq_len of 0, graph padding, reads nothing and yields zeros).
 """
@@ -20,15 +22,16 @@ from pagedllm.attention.triton_utils import dot_precision, num_sms
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
+MAX_SPLIT_GROUPS = 1 << 16  # (sequence, kv head) pairs one split launch may count: one int32 counter each
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
-    head_dim, num_heads, group,
+    head_dim, num_heads, num_kv_heads, group,
     BLOCK_G: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -73,37 +76,61 @@ def _decode_kernel(
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     result = acc / safe_l[:, None]
     out_mask = row_mask[:, None] & dim_mask[None, :]
+    dst = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:
-        dst = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # part_out [num_seqs, num_heads, NUM_SPLITS, D_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]
-        part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + part[:, None] * D_PAD + dims[None, :], result, mask=out_mask)
+        head_parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS
+        tl.store(part_out_ptr + (head_parts + split)[:, None] * D_PAD + dims[None, :], result, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_mask)
+        tl.store(part_lse_ptr + head_parts + split, lse, mask=row_mask)
+        # Every thread's stores come before the count (the barrier), and the count releases them to the program
+        # that counts last; that one acquires them, resets the counter and merges.
+        tl.debug_barrier()
+        counter = counters_ptr + seq * num_kv_heads + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            tl.store(counter, 0)
+            _merge_splits(part_out_ptr, part_lse_ptr, dst, head_parts, row_mask, dims, out_mask,
+                          NUM_SPLITS, D_PAD)
 
 
 @triton.jit
-def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, head_dim, num_heads,
-    NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+def _merge_splits(part_out_ptr, part_lse_ptr, dst, head_parts, row_mask, dims, out_mask,
+                  NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr):
+    """Weights each split's partial output by its exp(lse) over the rows of one kv head's query heads; an empty
+    split (lse = -inf) weighs 0 and its partial, never written, is not read. Loads bypass L1 (.cg): the other
+    programs' partials are only in L2."""
     splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, D_PAD)
-    part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
-    lse = tl.load(part_lse_ptr + part)
-    top = tl.max(lse, 0)
+    lse = tl.load(part_lse_ptr + head_parts[:, None] + splits[None, :], mask=row_mask[:, None],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, 1)
     top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp2(lse - top)  # 0 for empty splits (lse = -inf)
-    partial = tl.load(part_out_ptr + part[:, None] * D_PAD + dims[None, :])
-    partial = tl.where(weight[:, None] > 0, partial, 0.0)  # empty splits never wrote their rows
-    total = tl.sum(weight, 0)
-    result = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    dst = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + dims
-    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
+    total = tl.sum(tl.exp2(lse - top[:, None]), 1)
+    acc = tl.zeros(out_mask.shape, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        weight = tl.exp2(tl.load(part_lse_ptr + head_parts + s, mask=row_mask, other=float("-inf"),
+                                 cache_modifier=".cg") - top)
+        partial = tl.load(part_out_ptr + (head_parts + s)[:, None] * D_PAD + dims[None, :],
+                          mask=out_mask & (weight[:, None] > 0), other=0.0, cache_modifier=".cg")
+        acc += partial * weight[:, None]
+    result = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(dst, result.to(dst.dtype.element_ty), mask=out_mask)
+
+
+_split_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device) -> torch.Tensor:
+    """The device's split counters: zeros, and every split launch leaves them zero. Made on the first split launch,
+    which must not be inside a CUDA-graph capture (the model runner warms every graph's batch size up eagerly
+    first). Two split launches must not run at the same time on two streams of one device: they would share them."""
+    counters = _split_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_decode: the first split launch on a device must run outside CUDA-graph capture")
+        counters = _split_counters[device] = torch.zeros(MAX_SPLIT_GROUPS, dtype=torch.int32, device=device)
+    return counters
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -147,23 +174,22 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         num_stages = 2 if q.dtype == torch.float32 else 3
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if num_splits > 1:
+        if num_seqs * num_kv_heads > MAX_SPLIT_GROUPS:
+            raise ValueError(f"paged_decode: {num_seqs} sequences x {num_kv_heads} kv heads split in {num_splits}; "
+                             f"a split launch counts at most {MAX_SPLIT_GROUPS} (sequence, kv head) pairs")
         part_out = torch.empty(num_seqs, num_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device)
     else:
-        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+        part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        head_dim, num_heads, group,
+        head_dim, num_heads, num_kv_heads, group,
         BLOCK_G=block_g, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), head_dim, num_heads,
-            NUM_SPLITS=num_splits, D_PAD=d_pad, num_warps=4,
-        )
     return out
