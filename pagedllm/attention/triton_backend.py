@@ -2,17 +2,27 @@
 
 Decodes (the first meta.num_decodes sequences) go to the split-KV decode kernel, which reads no host-side lengths
 and so can be captured in a CUDA graph; the remaining sequences (prefills, chunked prefills) go to the prefill
-kernel, whose grid depends only on the token and sequence counts.
+kernel, whose grid depends only on the token and sequence counts. attend_qkv starts from the qkv projection's
+output: up to FUSED_DECODE_MAX_SEQS decodes take the decode kernel that does their q/k norms, rotary and KV write
+itself; every other token goes through qkv_prepare first.
 """
 from __future__ import annotations
 
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.attention.triton_decode import paged_decode
+from pagedllm.attention.triton_decode import paged_decode, paged_decode_qkv
 from pagedllm.attention.triton_kv_write import write_kv
 from pagedllm.attention.triton_prefill import paged_prefill
+from pagedllm.attention.triton_qkv import qkv_prepare
 from pagedllm.attention.triton_utils import check_attention_inputs
+
+
+# Decodes up to which attend_qkv runs them in one kernel from qkv: the steps where attention's launches, not its
+# reads, are its time (batch-1 decode of Qwen3-8B: 5 kernels a layer of ~2-5 us each). Larger batches keep
+# qkv_prepare apart: the fused kernel, which norms and rotates q in every split, measured 2-12% slower there
+# (commit 8a68664, docs/benchmarks.md).
+FUSED_DECODE_MAX_SEQS = 4
 
 
 class TritonAttentionBackend:
@@ -34,6 +44,39 @@ class TritonAttentionBackend:
         if num_decodes > 0:
             paged_decode(q[:num_decodes], kv_cache, meta.block_tables, meta.seq_lens, scale, out[:num_decodes])
         if num_seqs > num_decodes:
+            paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, out,
+                          first_seq=num_decodes)
+        return out
+
+    def attend_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float, num_heads: int, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                   q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+        """Attention straight from the qkv projection's output [num_tokens, (num_heads + 2 * kv_heads) * head_dim]:
+        q/k RMSNorm (if q_norm/k_norm), rotary at positions, the KV write at meta.slot_mapping, then attend().
+        Returns [num_tokens, num_heads, head_dim]."""
+        num_decodes, num_tokens = meta.num_decodes, qkv.shape[0]
+        num_kv_heads = kv_cache.shape[3]
+        norms = (q_norm, k_norm, eps)
+        if not 0 < num_decodes <= FUSED_DECODE_MAX_SEQS:
+            q = qkv_prepare(qkv, positions, num_heads, num_kv_heads, cos_cache, sin_cache, kv_cache,
+                            meta.slot_mapping, *norms)
+            return self.attend(q, kv_cache, meta, scale)
+        head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        check_attention_inputs(out, kv_cache)
+        if num_decodes > num_tokens or num_decodes > meta.seq_lens.shape[0]:
+            raise ValueError(f"attention: num_decodes {num_decodes} does not fit {meta.seq_lens.shape[0]} "
+                             f"sequences and {num_tokens} tokens")
+        q = None
+        if num_tokens > num_decodes:  # the prefills' tokens: q made and K/V written first, as in any step
+            q = torch.empty_like(out)  # its decode rows stay unused
+            qkv_prepare(qkv[num_decodes:], positions[num_decodes:], num_heads, num_kv_heads, cos_cache, sin_cache,
+                        kv_cache, meta.slot_mapping[num_decodes:], *norms, out=q[num_decodes:])
+        paged_decode_qkv(qkv[:num_decodes], positions[:num_decodes], num_heads, cos_cache, sin_cache, kv_cache,
+                         meta.slot_mapping[:num_decodes], meta.block_tables, meta.seq_lens, scale,
+                         out[:num_decodes], *norms)
+        if q is not None:
             paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, out,
                           first_seq=num_decodes)
         return out

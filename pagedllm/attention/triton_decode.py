@@ -23,17 +23,42 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
 MAX_SPLIT_GROUPS = 1 << 16  # (sequence, kv head) pairs one split launch may count: one int32 counter each
+MERGE_TILE = 8192  # fp32 partial-output elements the merging program loads at once (64 registers a thread)
+
+
+@triton.jit
+def _norm_rope(row_ptr, head_offsets, row_mask, dims, dim_mask, head_dim, cos, sin, norm_ptr, eps,
+               HAS_NORM: tl.constexpr):
+    """Heads [R, D_PAD] of one token at row_ptr + head_offsets: RMSNorm per head (if HAS_NORM), then rotate-half
+    rotary, in fp32, rounded where triton_qkv.py rounds. Each element is loaded with its rotary partner (d +- half)."""
+    half = head_dim // 2
+    partner = tl.where(dims < half, dims + half, dims - half)
+    mask = row_mask[:, None] & dim_mask[None, :]
+    x = tl.load(row_ptr + head_offsets[:, None] + dims[None, :], mask=mask, other=0.0)
+    xp = tl.load(row_ptr + head_offsets[:, None] + partner[None, :], mask=mask, other=0.0)
+    f = x.to(tl.float32)
+    fp = xp.to(tl.float32)
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 1) / head_dim + eps)
+        w = tl.load(norm_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+        wp = tl.load(norm_ptr + partner, mask=dim_mask, other=0.0).to(tl.float32)
+        f = ((f * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype).to(tl.float32)
+        fp = ((fp * rstd[:, None]).to(x.dtype).to(tl.float32) * wp[None, :]).to(x.dtype).to(tl.float32)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    return f * cos[None, :] + sign[None, :] * fp * sin[None, :]
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
-    scale_log2,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
+    scale_log2, eps,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, stride_rope,
     head_dim, num_heads, num_kv_heads, group,
-    BLOCK_G: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -48,8 +73,30 @@ def _decode_kernel(
     heads = kv_head * group + rows
     row_mask = rows < group
     dim_mask = dims < head_dim
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    q_row = q_ptr + seq.to(tl.int64) * stride_qt
+    if FROM_QKV:
+        # q_ptr is the qkv projection's output: every program norms and rotates its heads' q, and the one whose
+        # chunk holds the new token (position seq_len - 1) takes that token's k and v from qkv as well: it stores
+        # them into the cache and counts them in from registers, so no program reads their slot.
+        pos = tl.load(positions_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
+        q = _norm_rope(q_row, heads * head_dim, row_mask, dims, dim_mask, head_dim, cos, sin, q_norm_ptr, eps,
+                       HAS_NORM).to(q_ptr.dtype.element_ty)
+        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
+        end = tl.minimum(end, seq_len - 1)
+        # Every program loads the new k and v (a few hundred bytes from L2) ahead of its loop, where their latency
+        # hides; only the one that holds the new token uses them.
+        first = rows < 1
+        k_offset = (num_heads + kv_head) * head_dim
+        k_new = _norm_rope(q_row, k_offset + 0 * rows, first, dims, dim_mask, head_dim, cos, sin, k_norm_ptr,
+                           eps, HAS_NORM)
+        k_new = tl.sum(tl.where(first[:, None], k_new, 0.0), 0).to(k_cache_ptr.dtype.element_ty)  # [D_PAD]
+        v_new = tl.load(q_row + k_offset + num_kv_heads * head_dim + dims, mask=dim_mask, other=0.0)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_row + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -73,49 +120,77 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
+    if FROM_QKV:
+        if holds_new:
+            slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+            base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+            write = dim_mask & ((tl.zeros([D_PAD], tl.int64) + slot) >= 0)  # a slot of -1 (padding): none
+            tl.store(k_cache_ptr + base + dims, k_new, mask=write)
+            tl.store(v_cache_ptr + base + dims, v_new, mask=write)
+            # The new key and value, as the cache holds them, are one more column of the online softmax.
+            k_f = k_new.to(q.dtype).to(tl.float32)
+            v_f = v_new.to(q.dtype).to(tl.float32)
+            s_new = tl.sum(q.to(tl.float32) * k_f[None, :], 1) * scale_log2
+            m_new = tl.maximum(m_i, s_new)
+            p_new = tl.exp2(s_new - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_f[None, :]
+            m_i = m_new
+
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     result = acc / safe_l[:, None]
     out_mask = row_mask[:, None] & dim_mask[None, :]
-    dst = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:
+        dst = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # part_out [num_seqs, num_heads, NUM_SPLITS, D_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]
+        # part_out [num_seqs, num_heads, NUM_SPLITS, D_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]; every
+        # program writes its rows, an empty chunk zeros with an lse of -inf.
         head_parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS
         tl.store(part_out_ptr + (head_parts + split)[:, None] * D_PAD + dims[None, :], result, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(part_lse_ptr + head_parts + split, lse, mask=row_mask)
         # Every thread's stores come before the count (the barrier), and the count releases them to the program
-        # that counts last; that one acquires them, resets the counter and merges.
+        # that counts last; that one acquires them, sets the counter back to 0 and merges.
         tl.debug_barrier()
         counter = counters_ptr + seq * num_kv_heads + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
             tl.store(counter, 0)
-            _merge_splits(part_out_ptr, part_lse_ptr, dst, head_parts, row_mask, dims, out_mask,
-                          NUM_SPLITS, D_PAD)
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, stride_ot, stride_oh, head_dim,
+                          num_heads, group, NUM_SPLITS, MERGE_SPLITS, GROUP_PAD, D_PAD)
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, dst, head_parts, row_mask, dims, out_mask,
-                  NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr):
-    """Weights each split's partial output by its exp(lse) over the rows of one kv head's query heads; an empty
-    split (lse = -inf) weighs 0 and its partial, never written, is not read. Loads bypass L1 (.cg): the other
-    programs' partials are only in L2."""
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, stride_ot, stride_oh, head_dim, num_heads,
+                  group, NUM_SPLITS: tl.constexpr, MERGE_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  D_PAD: tl.constexpr):
+    """The query heads of one kv head: each split's partial output weighted by its exp(lse), MERGE_SPLITS splits
+    of every head in one load, so that the loads' latency is paid NUM_SPLITS / MERGE_SPLITS times, not once per
+    split. Loads bypass L1 (.cg): the other programs' partials are only in L2."""
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < group
+    head_parts = (seq.to(tl.int64) * num_heads + kv_head * group + g) * NUM_SPLITS  # [G]
     splits = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(part_lse_ptr + head_parts[:, None] + splits[None, :], mask=row_mask[:, None],
-                  other=float("-inf"), cache_modifier=".cg")
-    top = tl.max(lse, 1)
+    lse = tl.load(part_lse_ptr + head_parts[None, :] + splits[:, None], mask=g_mask[None, :],
+                  other=float("-inf"), cache_modifier=".cg")  # [S, G]
+    top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.exp2(lse - top[:, None]), 1)
-    acc = tl.zeros(out_mask.shape, tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        weight = tl.exp2(tl.load(part_lse_ptr + head_parts + s, mask=row_mask, other=float("-inf"),
-                                 cache_modifier=".cg") - top)
-        partial = tl.load(part_out_ptr + (head_parts + s)[:, None] * D_PAD + dims[None, :],
-                          mask=out_mask & (weight[:, None] > 0), other=0.0, cache_modifier=".cg")
-        acc += partial * weight[:, None]
+    total = tl.sum(tl.exp2(lse - top[None, :]), 0)  # [G]; 0 for a row of empty splits (graph padding)
+    dims = tl.arange(0, D_PAD)
+    chunk = tl.arange(0, MERGE_SPLITS)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    for s0 in tl.static_range(0, NUM_SPLITS, MERGE_SPLITS):
+        parts = head_parts[None, :] + s0 + chunk[:, None]  # [C, G]
+        weight = tl.exp2(tl.load(part_lse_ptr + parts, mask=g_mask[None, :], other=float("-inf"),
+                                 cache_modifier=".cg") - top[None, :])
+        partial = tl.load(part_out_ptr + parts[:, :, None] * D_PAD + dims[None, None, :],
+                          mask=g_mask[None, :, None] & (dims < head_dim)[None, None, :], other=0.0,
+                          cache_modifier=".cg")  # [C, G, D]
+        acc += tl.sum(partial * weight[:, :, None], 0)
     result = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(dst, result.to(dst.dtype.element_ty), mask=out_mask)
+    dst = out_ptr + seq.to(tl.int64) * stride_ot + (kv_head * group + g)[:, None] * stride_oh + dims[None, :]
+    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & (dims < head_dim)[None, :])
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}
@@ -151,7 +226,49 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     """Attention of q [num_seqs, num_heads, head_dim] (one query per sequence, at position seq_len - 1) over the
     paged cache; writes out [num_seqs, num_heads, head_dim]. block_tables/seq_lens may have more rows than q.
     num_splits / block_n / num_warps / num_stages override the tuned defaults (tests, benchmarks)."""
-    num_seqs, num_heads, head_dim = q.shape
+    return _launch(q, q.stride(0), q.stride(1), q.shape[1], kv_cache, block_tables, seq_lens, scale, out, None,
+                   num_splits, block_n, num_warps, num_stages)
+
+
+def paged_decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention straight from the qkv projection's output qkv [num_seqs, (num_heads + 2 * kv_heads) *
+    head_dim] (one token per sequence): what triton_qkv.qkv_prepare and paged_decode do, in one launch. q and k are
+    normed (if q_norm/k_norm, Qwen3) and rotated at positions [num_seqs]; k and v are stored into kv_cache at
+    slot_mapping [num_seqs] (-1 = skip); writes out [num_seqs, num_heads, head_dim]. cos_cache/sin_cache
+    [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs))."""
+    num_kv_heads = kv_cache.shape[3]
+    num_seqs, width = qkv.shape if qkv.dim() == 2 else (0, 0)
+    head_dim = width // (num_heads + 2 * num_kv_heads) if qkv.dim() == 2 else 0
+    if qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2 or head_dim * (num_heads + 2 * num_kv_heads) != width:
+        raise ValueError(f"paged_decode_qkv: qkv {tuple(qkv.shape)} is not [num_seqs, (heads {num_heads} + 2 x kv "
+                         f"heads {num_kv_heads}) x an even head_dim] with contiguous rows")
+    if positions.shape != (num_seqs,) or slot_mapping.shape != (num_seqs,):
+        raise ValueError(f"paged_decode_qkv: positions {tuple(positions.shape)} and slot_mapping "
+                         f"{tuple(slot_mapping.shape)} must both be [{num_seqs}]")
+    if cos_cache.shape[-1] != head_dim or sin_cache.shape != cos_cache.shape or cos_cache.stride(-1) != 1 \
+            or sin_cache.stride() != cos_cache.stride():
+        raise ValueError(f"paged_decode_qkv: cos/sin caches {tuple(cos_cache.shape)} do not match head_dim "
+                         f"{head_dim}")
+    if (q_norm is None) != (k_norm is None) or (q_norm is not None and (q_norm.shape != (head_dim,)
+                                                                         or k_norm.shape != (head_dim,))):
+        raise ValueError(f"paged_decode_qkv: q_norm and k_norm must both be [{head_dim}] or both None")
+    if out.shape != (num_seqs, num_heads, head_dim):
+        raise ValueError(f"paged_decode_qkv: out {tuple(out.shape)} is not [{num_seqs}, {num_heads}, {head_dim}]")
+    fused = (positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps)
+    return _launch(qkv, qkv.stride(0), head_dim, num_heads, kv_cache, block_tables, seq_lens, scale, out, fused,
+                   num_splits, None, 4, None)
+
+
+def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int, kv_cache: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor, fused: tuple | None,
+            num_splits: int | None, block_n: int | None, num_warps: int, num_stages: int | None) -> torch.Tensor:
+    """The decode kernel over q (fused is None) or qkv (fused = (positions, slot_mapping, cos, sin, q_norm, k_norm,
+    eps)), whose q rows start every stride_qt elements and whose heads every stride_qh."""
+    num_seqs, head_dim = out.shape[0], out.shape[2]
     if num_seqs == 0:
         return out
     if num_seqs > MAX_GRID_SEQS:
@@ -160,36 +277,41 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, q_src.device)
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"paged_decode: num_splits must be a power of two >= 1, got {num_splits}")
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
+    group_pad = triton.next_power_of_2(group)
     if block_n is None:  # 128 measured best on an H200 for bf16, head_dim 128 (bench_attention.py --tune); 64 is
         # 2-4% faster on bench_decode_layout.py's batch >= 128 but not on the engine's workload (docs/benchmarks.md)
         block_n = 128 if d_pad <= 128 else 64
-        if q.dtype == torch.float32:  # fp32 dots run on FMA units; larger tiles spill registers
+        if q_src.dtype == torch.float32:  # fp32 dots run on FMA units; larger tiles spill registers
             block_n = 16
     if num_stages is None:
-        num_stages = 2 if q.dtype == torch.float32 else 3
+        num_stages = 2 if q_src.dtype == torch.float32 else 3
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if num_splits > 1:
         if num_seqs * num_kv_heads > MAX_SPLIT_GROUPS:
             raise ValueError(f"paged_decode: {num_seqs} sequences x {num_kv_heads} kv heads split in {num_splits}; "
                              f"a split launch counts at most {MAX_SPLIT_GROUPS} (sequence, kv head) pairs")
-        part_out = torch.empty(num_seqs, num_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = split_counters(q.device)
+        part_out = torch.empty(num_seqs, num_heads, num_splits, d_pad, dtype=torch.float32, device=out.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=out.device)
+        counters = split_counters(out.device)
     else:
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
+    positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps = fused or (out, out, out, out, None, None, 0.0)
+    has_norm = q_norm is not None
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        q_src, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
+        positions, slot_mapping, cos_cache, sin_cache, q_norm if has_norm else out, k_norm if has_norm else out,
+        scale * LOG2E, eps,
+        stride_qt, stride_qh, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), cos_cache.stride(0) if fused else 0,
         head_dim, num_heads, num_kv_heads, group,
-        BLOCK_G=block_g, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
+        BLOCK_G=block_g, GROUP_PAD=group_pad, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, MERGE_SPLITS=min(num_splits, max(1, MERGE_TILE // (group_pad * d_pad))),
+        PRECISION=dot_precision(q_src.dtype), FROM_QKV=fused is not None, HAS_NORM=has_norm,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

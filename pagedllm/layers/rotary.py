@@ -40,7 +40,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q [T, h, d], k [T, kvh, d]; on the GPU, pagedllm/layers/triton_qkv.py does this inside a fused kernel
+        # q [T, h, d], k [T, kvh, d]; on the GPU, pagedllm/attention/triton_qkv.py does this inside a fused kernel
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the small memory-bound layer ops on the GPU: RMSNorm (+ residual add) and SiLU-and-mul
-(the q/k norms, rotary embedding and KV write are one kernel of their own: triton_qkv.py).
+(the q/k norms, rotary embedding and KV write are one kernel of their own: attention/triton_qkv.py).
 
 Each matches the torch code it replaces (pagedllm/layers/norm.py, F.silu(gate) * up) including where
 that code rounds to the activation dtype, and takes plain tensors so that the model layers decide when to use it.

@@ -38,14 +38,13 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over norm(x + residual): returns (its output, the new residual)."""
         qkv, residual = self.qkv_proj.normed(x, residual, norm)
-        if self.backend.name == "triton":  # one fused kernel: q/k norms, rotary and the KV write
-            from pagedllm.layers.triton_qkv import qkv_prepare
+        if self.backend.name == "triton":  # q/k norms, rotary and the KV write in a kernel of their own, or in
+            # the decode kernel (backend.attend_qkv)
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-            q = qkv_prepare(qkv, positions, self.num_heads, self.num_kv_heads, self.rotary.cos_cache,
-                            self.rotary.sin_cache, self.kv_cache, meta.slot_mapping, *norms)
+            out = self.backend.attend_qkv(qkv, positions, self.kv_cache, meta, self.scale, self.num_heads,
+                                          self.rotary.cos_cache, self.rotary.sin_cache, *norms)
         else:
-            q = self._prepare(qkv, positions, meta)
-        out = self.backend.attend(q, self.kv_cache, meta, self.scale)
+            out = self.backend.attend(self._prepare(qkv, positions, meta), self.kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(x.shape[0], self.q_size)), residual
 
     def _prepare(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -263,3 +263,61 @@ def test_prefill_compiles_once_for_any_batch_composition():
         _check_batch(batch, 128 ** -0.5, f"decodes {num_decodes} prefills {num_prefills}")
         counts.append(compiled() - before)
     assert max(counts) <= 1, f"new compiled variants of the prefill kernel after each call: {counts}"
+
+
+# (heads, kv_heads, head_dim, block_size, q/k norms): Qwen3-8B's, Qwen3-0.6B's, Llama-like MHA without norms, MQA
+# with a head_dim that pads, a GQA group of 8 with head_dim 256 (the merge takes 4 splits a load)
+QKV_DECODE_SHAPES = [(32, 8, 128, 16, True), (16, 8, 128, 16, True), (8, 8, 64, 32, False), (4, 1, 80, 16, True),
+                     (16, 2, 256, 16, False)]
+
+
+@pytest.mark.parametrize("shape", QKV_DECODE_SHAPES, ids=lambda s: "h{}kv{}d{}b{}{}".format(*s[:4], "n" * s[4]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs", [1, 3, 64])
+def test_decode_from_qkv_matches_the_layers(shape, dtype, num_seqs):
+    """paged_decode_qkv (q/k norms, rotary, KV write and attention in one kernel) against the layers' torch code:
+    the split counts the batch picks, contexts of 2 to 8k, graph padding; the cache written as the reference
+    writes it."""
+    from pagedllm.attention.triton_decode import paged_decode_qkv
+    from tests.qkv_step_case import make_step, reference
+    heads, kv_heads, head_dim, block_size, qk_norm = shape
+    rng = random.Random(num_seqs * head_dim)
+    lens = [rng.choice([2, rng.randint(3, 600), rng.randint(600, 8192)]) for _ in range(num_seqs)]
+    if num_seqs > 1:
+        lens[-1] = 0  # graph padding
+    gen = torch.Generator().manual_seed(num_seqs)
+    step = make_step([(1, n) for n in lens], num_seqs, heads, kv_heads, head_dim, block_size, qk_norm, dtype,
+                     "cuda", gen)
+    ref, ref_cache = reference(step, head_dim ** -0.5)
+    b = step.batch
+    out = torch.full((num_seqs, heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+    paged_decode_qkv(step.qkv, step.positions, heads, step.rotary.cos_cache, step.rotary.sin_cache, b.kv_cache,
+                     b.meta.slot_mapping, b.meta.block_tables, b.meta.seq_lens, head_dim ** -0.5, out, *step.norms)
+    live = torch.tensor([n > 0 for n in lens], device="cuda")
+    assert out.isfinite().all()
+    assert _rel(out[live], ref[live]) < REL_TOL[dtype]
+    slots = b.meta.slot_mapping[live]
+    k_got, k_ref = b.kv_cache[0].flatten(0, 1)[slots], ref_cache[0].flatten(0, 1)[slots]
+    assert _rel(k_got, k_ref) < REL_TOL[dtype]  # the norm's sum runs in another order: not always bit-equal
+    b.kv_cache[0].flatten(0, 1)[slots] = k_ref
+    assert torch.equal(b.kv_cache, ref_cache)  # v as is, and nothing but the new slots written
+
+
+@pytest.mark.parametrize("num_decodes", [0, 1, 4, 5])
+def test_attend_qkv_with_prefills_beside(num_decodes):
+    """The backend from qkv over decodes with chunked prefills beside them: up to 4 decodes take the fused decode
+    kernel, more take qkv_prepare; both against the layers' torch code."""
+    from tests.qkv_step_case import make_step, reference
+    rng = random.Random(num_decodes)
+    lens = [(1, rng.randint(2, 3000)) for _ in range(num_decodes)] + [(300, 300), (17, 900), (1, 40)]
+    gen = torch.Generator().manual_seed(num_decodes)
+    step = make_step(lens, num_decodes, 32, 8, 128, 16, True, torch.bfloat16, "cuda", gen)
+    ref, ref_cache = reference(step, 128 ** -0.5)
+    b = step.batch
+    out = _backend().attend_qkv(step.qkv, step.positions, b.kv_cache, b.meta, 128 ** -0.5, 32, step.rotary.cos_cache,
+                                step.rotary.sin_cache, *step.norms)
+    assert out.isfinite().all()
+    assert _rel(out, ref) < REL_TOL[torch.bfloat16]
+    slots = b.meta.slot_mapping
+    assert _rel(b.kv_cache[0].flatten(0, 1)[slots], ref_cache[0].flatten(0, 1)[slots]) < REL_TOL[torch.bfloat16]
+    assert torch.equal(b.kv_cache[1], ref_cache[1])

@@ -63,7 +63,7 @@ def test_qkv_prepare(dtype, heads, kv_heads, head_dim, qk_norm):
     """The fused q/k norm + rotary + KV write against the unfused torch code, on strided qkv rows, with padding
     slots (-1) that must write nothing."""
     from pagedllm.attention.torch_ref import write_kv_ref
-    from pagedllm.layers.triton_qkv import qkv_prepare
+    from pagedllm.attention.triton_qkv import qkv_prepare
     gen = torch.Generator().manual_seed(heads + head_dim + qk_norm)
     rope = RotaryEmbedding(head_dim, max_position=4096, base=1e6, scaling=None).to("cuda")
     tokens, block_size, num_blocks = 123, 16, 20
@@ -114,7 +114,7 @@ def test_silu_and_mul(dtype, inter):
 
 def test_ops_bad_inputs():
     from pagedllm.layers.triton_ops import rms_norm, silu_and_mul
-    from pagedllm.layers.triton_qkv import qkv_prepare
+    from pagedllm.attention.triton_qkv import qkv_prepare
     x = torch.randn(4, 64, device="cuda")
     with pytest.raises(ValueError, match="weight"):
         rms_norm(x, torch.ones(32, device="cuda"), 1e-6)

@@ -79,11 +79,12 @@ def _qkv_prepare_kernel(qkv_ptr, positions_ptr, q_norm_ptr, k_norm_ptr, cos_ptr,
 def qkv_prepare(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, num_kv_heads: int,
                 cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                 q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                eps: float = 1e-6) -> torch.Tensor:
+                eps: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, (num_heads + 2 * num_kv_heads) * head_dim] (the projection's output, rows may be strided):
     returns q [T, num_heads, head_dim] normed (if q_norm) and rotated; stores k (normed if k_norm, rotated) and v
     into kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [T] (-1 = skip).
-    cos_cache/sin_cache [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs))."""
+    cos_cache/sin_cache [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs)).
+    out: where q goes, [T, num_heads, head_dim] with contiguous heads (rows may be strided)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1:
         raise ValueError(f"qkv_prepare: qkv must be [num_tokens, width] with contiguous rows, got {tuple(qkv.shape)}")
     num_tokens = qkv.shape[0]
@@ -103,7 +104,13 @@ def qkv_prepare(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, num_
     if (q_norm is None) != (k_norm is None) or (q_norm is not None and (q_norm.shape != (head_dim,)
                                                                          or k_norm.shape != (head_dim,))):
         raise ValueError(f"qkv_prepare: q_norm and k_norm must both be [{head_dim}] or both None")
-    q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if out is None:
+        q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    elif out.shape != (num_tokens, num_heads, head_dim) or out.stride(2) != 1 or out.stride(1) != head_dim:
+        raise ValueError(f"qkv_prepare: out {tuple(out.shape)} is not [{num_tokens}, {num_heads}, {head_dim}] "
+                         "with contiguous heads")
+    else:
+        q_out = out
     if num_tokens == 0:
         return q_out
     cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
