@@ -5,11 +5,16 @@ batch ordered longest context first (the model runner orders decodes so) runs it
 short ones fill the tail of the last wave. A program serves every query head of one kv head (the GQA group is
 the rows of its tl.dot, padded to 16), so K/V are read from HBM once per kv head. When the batch alone cannot fill
 the GPU, each sequence's context is cut into `num_splits` chunks, each program writes a normalised partial output
-and its log-sum-exp, and the last program of a (sequence, kv head) to finish merges them: it knows it is last from
-an atomic counter, which it then sets back to 0 for the next launch. That spares a second kernel and its launch gap
-per layer, which a small decode step (where the splits are) pays 28-36 times. `num_splits` depends only on the batch shape and the device,
+and its log-sum-exp, and a second kernel merges them. `num_splits` depends only on the batch shape and the device,
 never on sequence lengths, so the launch is CUDA-graph capturable; a program whose chunk starts past its
-sequence's end runs no iterations (a seq_len of 0, graph padding, reads nothing and yields zeros).
+sequence's end runs no iterations (a seq_len of 0, graph padding, reads nothing and yields zeros). Merging in the
+last program of a (sequence, kv head) to finish, found by an atomic counter, measured 1-4 us a step's layer slower
+at batch 1-4 on an H200 than the second kernel (bench_decode_block.py at commit dcc437c): its loads wait behind
+the slowest chunk, where the merge kernel's programs run side by side.
+
+paged_decode_qkv starts from the qkv projection's output instead of q: each program norms and rotates its heads' q
+itself, and the program whose chunk holds the new token also norms and rotates its k and writes k and v into the
+cache (what triton_qkv.qkv_prepare does), for steps of a few decodes (TritonAttentionBackend.attend_qkv).
 """
 from __future__ import annotations
 
@@ -22,8 +27,6 @@ from pagedllm.attention.triton_utils import dot_precision, num_sms
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
-MAX_SPLIT_GROUPS = 1 << 16  # (sequence, kv head) pairs one split launch may count: one int32 counter each
-MERGE_TILE = 8192  # fp32 partial-output elements the merging program loads at once (64 registers a thread)
 
 
 @triton.jit
@@ -51,13 +54,13 @@ def _norm_rope(row_ptr, head_offsets, row_mask, dims, dim_mask, head_dim, cos, s
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
     positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
     scale_log2, eps,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, stride_rope,
     head_dim, num_heads, num_kv_heads, group,
-    BLOCK_G: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
@@ -145,67 +148,33 @@ def _decode_kernel(
         dst = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # part_out [num_seqs, num_heads, NUM_SPLITS, D_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]; every
-        # program writes its rows, an empty chunk zeros with an lse of -inf.
-        head_parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS
-        tl.store(part_out_ptr + (head_parts + split)[:, None] * D_PAD + dims[None, :], result, mask=out_mask)
+        # part_out [num_seqs, num_heads, NUM_SPLITS, D_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]
+        part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * D_PAD + dims[None, :], result, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + head_parts + split, lse, mask=row_mask)
-        # Every thread's stores come before the count (the barrier), and the count releases them to the program
-        # that counts last; that one acquires them, sets the counter back to 0 and merges.
-        tl.debug_barrier()
-        counter = counters_ptr + seq * num_kv_heads + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            tl.store(counter, 0)
-            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, stride_ot, stride_oh, head_dim,
-                          num_heads, group, NUM_SPLITS, MERGE_SPLITS, GROUP_PAD, D_PAD)
+        tl.store(part_lse_ptr + part, lse, mask=row_mask)
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, stride_ot, stride_oh, head_dim, num_heads,
-                  group, NUM_SPLITS: tl.constexpr, MERGE_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr,
-                  D_PAD: tl.constexpr):
-    """The query heads of one kv head: each split's partial output weighted by its exp(lse), MERGE_SPLITS splits
-    of every head in one load, so that the loads' latency is paid NUM_SPLITS / MERGE_SPLITS times, not once per
-    split. Loads bypass L1 (.cg): the other programs' partials are only in L2."""
-    g = tl.arange(0, GROUP_PAD)
-    g_mask = g < group
-    head_parts = (seq.to(tl.int64) * num_heads + kv_head * group + g) * NUM_SPLITS  # [G]
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, head_dim, num_heads,
+    NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(part_lse_ptr + head_parts[None, :] + splits[:, None], mask=g_mask[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # [S, G]
+    dims = tl.arange(0, D_PAD)
+    part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part)
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.exp2(lse - top[None, :]), 0)  # [G]; 0 for a row of empty splits (graph padding)
-    dims = tl.arange(0, D_PAD)
-    chunk = tl.arange(0, MERGE_SPLITS)
-    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    for s0 in tl.static_range(0, NUM_SPLITS, MERGE_SPLITS):
-        parts = head_parts[None, :] + s0 + chunk[:, None]  # [C, G]
-        weight = tl.exp2(tl.load(part_lse_ptr + parts, mask=g_mask[None, :], other=float("-inf"),
-                                 cache_modifier=".cg") - top[None, :])
-        partial = tl.load(part_out_ptr + parts[:, :, None] * D_PAD + dims[None, None, :],
-                          mask=g_mask[None, :, None] & (dims < head_dim)[None, None, :], other=0.0,
-                          cache_modifier=".cg")  # [C, G, D]
-        acc += tl.sum(partial * weight[:, :, None], 0)
-    result = acc / tl.where(total > 0, total, 1.0)[:, None]
-    dst = out_ptr + seq.to(tl.int64) * stride_ot + (kv_head * group + g)[:, None] * stride_oh + dims[None, :]
-    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & (dims < head_dim)[None, :])
-
-
-_split_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device) -> torch.Tensor:
-    """The device's split counters: zeros, and every split launch leaves them zero. Made on the first split launch,
-    which must not be inside a CUDA-graph capture (the model runner warms every graph's batch size up eagerly
-    first). Two split launches must not run at the same time on two streams of one device: they would share them."""
-    counters = _split_counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_decode: the first split launch on a device must run outside CUDA-graph capture")
-        counters = _split_counters[device] = torch.zeros(MAX_SPLIT_GROUPS, dtype=torch.int32, device=device)
-    return counters
+    weight = tl.exp2(lse - top)  # 0 for empty splits (lse = -inf)
+    partial = tl.load(part_out_ptr + part[:, None] * D_PAD + dims[None, :])
+    partial = tl.where(weight[:, None] > 0, partial, 0.0)  # empty splits never wrote their rows
+    total = tl.sum(weight, 0)
+    result = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    dst = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + dims
+    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -282,7 +251,6 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
         raise ValueError(f"paged_decode: num_splits must be a power of two >= 1, got {num_splits}")
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
-    group_pad = triton.next_power_of_2(group)
     if block_n is None:  # 128 measured best on an H200 for bf16, head_dim 128 (bench_attention.py --tune); 64 is
         # 2-4% faster on bench_decode_layout.py's batch >= 128 but not on the engine's workload (docs/benchmarks.md)
         block_n = 128 if d_pad <= 128 else 64
@@ -292,26 +260,26 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
         num_stages = 2 if q_src.dtype == torch.float32 else 3
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if num_splits > 1:
-        if num_seqs * num_kv_heads > MAX_SPLIT_GROUPS:
-            raise ValueError(f"paged_decode: {num_seqs} sequences x {num_kv_heads} kv heads split in {num_splits}; "
-                             f"a split launch counts at most {MAX_SPLIT_GROUPS} (sequence, kv head) pairs")
         part_out = torch.empty(num_seqs, num_heads, num_splits, d_pad, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=out.device)
-        counters = split_counters(out.device)
     else:
-        part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
     positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps = fused or (out, out, out, out, None, None, 0.0)
     has_norm = q_norm is not None
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
-        q_src, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
+        q_src, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         positions, slot_mapping, cos_cache, sin_cache, q_norm if has_norm else out, k_norm if has_norm else out,
         scale * LOG2E, eps,
         stride_qt, stride_qh, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), cos_cache.stride(0) if fused else 0,
         head_dim, num_heads, num_kv_heads, group,
-        BLOCK_G=block_g, GROUP_PAD=group_pad, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, MERGE_SPLITS=min(num_splits, max(1, MERGE_TILE // (group_pad * d_pad))),
+        BLOCK_G=block_g, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PRECISION=dot_precision(q_src.dtype), FROM_QKV=fused is not None, HAS_NORM=has_norm,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), head_dim, num_heads,
+            NUM_SPLITS=num_splits, D_PAD=d_pad, num_warps=4,
+        )
     return out

@@ -303,10 +303,10 @@ def test_decode_from_qkv_matches_the_layers(shape, dtype, num_seqs):
     assert torch.equal(b.kv_cache, ref_cache)  # v as is, and nothing but the new slots written
 
 
-@pytest.mark.parametrize("num_decodes", [0, 1, 4, 5])
+@pytest.mark.parametrize("num_decodes", [0, 1, 2, 3])
 def test_attend_qkv_with_prefills_beside(num_decodes):
-    """The backend from qkv over decodes with chunked prefills beside them: up to 4 decodes take the fused decode
-    kernel, more take qkv_prepare; both against the layers' torch code."""
+    """The backend from qkv over decodes with chunked prefills beside them: up to FUSED_DECODE_MAX_SEQS (2) decodes
+    take the fused decode kernel, more take qkv_prepare; both against the layers' torch code."""
     from tests.qkv_step_case import make_step, reference
     rng = random.Random(num_decodes)
     lens = [(1, rng.randint(2, 3000)) for _ in range(num_decodes)] + [(300, 300), (17, 900), (1, 40)]
