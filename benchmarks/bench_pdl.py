@@ -15,9 +15,10 @@ and the share of the copy bandwidth that the weights' bytes reach. --rows 1,2,4,
 (tokens in a step), up to 16.
 
 --layer times the engine's small-step decoder layer without attention instead: the two RMSNorms and SiLU-and-mul
-as kernels of their own between the GEMVs, against Linear.normed's fusion of them into the GEMVs.
+as kernels of their own between the GEMVs, against Linear.normed's fusion of them into the GEMVs; --sweep then
+tries other (BLOCK_N, BLOCK_K, warps, stages) for each fused GEMV in turn, inside the whole layer.
 
-    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1] [--layer]
+    python benchmarks/bench_pdl.py [--model 8b|0.6b] [--layers 36] [--rows 1] [--layer [--sweep]]
     TRITON_INTERPRET=1 python benchmarks/bench_pdl.py --check     # the kernel without PDL, on the CPU
 """
 from __future__ import annotations
@@ -141,7 +142,7 @@ def bench(model: str, layers: int, rows: int) -> int:
     return 0
 
 
-def bench_layer(model: str, layers: int, rows: int) -> int:
+def bench_layer(model: str, layers: int, rows: int, sweep: bool = False) -> int:
     """The engine's small-step decoder layer without attention, in one graph: the two RMSNorms and SiLU-and-mul as
     kernels of their own between the four GEMVs, against Linear.normed's fusion of them into the GEMVs."""
     from bench_attention import _graph_ms, copy_bandwidth
@@ -165,13 +166,14 @@ def bench_layer(model: str, layers: int, rows: int) -> int:
             x = gemv(silu_and_mul(gemv(h, w["gate_up"])), w["down"])
         return x
 
-    def fused(i=0):
+    def fused(i=0, configs=None):
+        c = configs or {}
         x, res = x0, res0
         for w, (g1, g2) in zip(weights, norms):
-            qkv, res = gemv(x, w["qkv"], norm=(g1, 1e-6), residual=res)
-            o = gemv(qkv[:, :q_size], w["o_proj"])
-            h, res = gemv(o, w["gate_up"], norm=(g2, 1e-6), residual=res, silu_and_mul=True)
-            x = gemv(h, w["down"])
+            qkv, res = gemv(x, w["qkv"], norm=(g1, 1e-6), residual=res, config=c.get("qkv"))
+            o = gemv(qkv[:, :q_size], w["o_proj"], config=c.get("o_proj"))
+            h, res = gemv(o, w["gate_up"], norm=(g2, 1e-6), residual=res, silu_and_mul=True, config=c.get("gate_up"))
+            x = gemv(h, w["down"], config=c.get("down"))
         return x
 
     assert inter * 2 == shapes["gate_up"][1]
@@ -183,7 +185,45 @@ def bench_layer(model: str, layers: int, rows: int) -> int:
         us = 1e3 * _graph_ms(way, 1) / layers
         print(f"{name:>20}: {us:7.1f} us a layer, {100 * layer_bytes / (us * 1e-6) / bandwidth:5.1f}% of the copy "
               f"bandwidth (output vs norms apart: relative difference {err:.1e})")
+    if sweep:
+        sweep_configs(fused, reference, {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
+                      bandwidth)
     return 0
+
+
+def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_bytes: int, bandwidth: float) -> None:
+    """One GEMV at a time (qkv, o_proj, gate_up, down), each (BLOCK_N, BLOCK_K, warps, stages) below tried in the
+    whole fused layer while the others keep the best found so far (the shape rule's to start with).
+    reference_shapes: each GEMV's weight (N, K)."""
+    from bench_attention import _graph_ms
+    from pagedllm.layers.triton_gemv import gemv_config
+    candidates = [(n, k, 4, st) for n in (16, 32, 64, 128) for k in (128, 256) for st in (3, 4)]
+    best: dict = {}
+    base_us = 1e3 * _graph_ms(lambda i: fused(), 1) / layers
+    print(f"sweep, from the shape rule's configs: {base_us:.1f} us a layer")
+    for name in ("qkv", "o_proj", "gate_up", "down"):
+        results = []
+        for config in candidates:
+            trial = dict(best, **{name: config})
+            try:
+                err = float((fused(configs=trial).float() - reference).norm() / reference.norm())
+                us = 1e3 * _graph_ms(lambda i, t=trial: fused(configs=t), 1) / layers
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: reported, skipped
+                print(f"  {name} {config}: failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            if err > 2e-2:
+                print(f"  {name} {config}: relative difference {err:.1e}, skipped")
+                continue
+            results.append((us, config))
+        results.sort()
+        best[name] = results[0][1]
+        rule = gemv_config(*reference_shapes[name])
+        rule_us = next((u for u, c in results if c == rule), float("nan"))
+        print(f"  {name:>8}: best {results[0][1]} {results[0][0]:.1f} us a layer; shape rule {rule} {rule_us:.1f}; "
+              "next " + ", ".join(f"{c} {u:.1f}" for u, c in results[1:4]))
+    us = 1e3 * _graph_ms(lambda i: fused(configs=best), 1) / layers
+    print(f"sweep best {best}: {us:.1f} us a layer, {100 * layer_bytes / (us * 1e-6) / bandwidth:.1f}% of the copy "
+          f"bandwidth (shape rule: {base_us:.1f})")
 
 
 def main() -> int:
@@ -194,14 +234,16 @@ def main() -> int:
     parser.add_argument("--rows", default="1", help="comma-separated row counts (tokens in the step), each <= 16")
     parser.add_argument("--layer", action="store_true",
                         help="the engine's GEMV layer with the norms and SiLU apart or fused, instead of the chains")
+    parser.add_argument("--sweep", action="store_true", help="with --layer: sweep each fused layer GEMV's config")
     args = parser.parse_args()
     if args.check:
         return check()
     if not torch.cuda.is_available():
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    run = bench_layer if args.layer else bench
-    return max(run(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
+    if args.layer:
+        return max(bench_layer(args.model, args.layers, int(rows), args.sweep) for rows in args.rows.split(","))
+    return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
 
 
 if __name__ == "__main__":
