@@ -104,7 +104,7 @@ stage() {
   decode-block)  # the attention block of a 1-4 sequence decode step: the q/k work apart or in the decode kernel
     for shape in "32 8" "16 8"; do set -- $shape; timeout 150 python3 benchmarks/bench_decode_block.py --heads $1 --kv-heads $2 2>&1 | tail -16; done ;;
   layer-sweep)  # the fused GEMV layer of Qwen3-8B at batch 1, each GEMV's config swept in turn
-    timeout 400 python3 benchmarks/bench_pdl.py --layer --sweep --model 8b --rows 1 2>&1 | tail -12 ;;
+    timeout 400 python3 benchmarks/bench_pdl.py --layer --sweep --model 8b --rows 1 2>&1 | tail -24 ;;
   layer)  # the GEMV layer (no attention) with the norms and SiLU-and-mul apart or fused into the GEMVs
     for m in 8b 0.6b; do timeout 150 python3 benchmarks/bench_pdl.py --layer --model $m --rows 1,4 2>&1 | tail -6; done ;;
   decode-layout)  # decode attention with the cache in NHD or HND layout, pages of 16 or 32 (an experiment)
