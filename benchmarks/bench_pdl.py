@@ -186,7 +186,7 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False) -> int:
         print(f"{name:>20}: {us:7.1f} us a layer, {100 * layer_bytes / (us * 1e-6) / bandwidth:5.1f}% of the copy "
               f"bandwidth (output vs norms apart: relative difference {err:.1e})")
     if sweep:
-        sweep_configs(fused, reference, {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
+        sweep_configs(fused, fused().float(), {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
                       bandwidth)
     return 0
 
@@ -194,7 +194,7 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False) -> int:
 def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_bytes: int, bandwidth: float) -> None:
     """One GEMV at a time (qkv, o_proj, gate_up, down), each (BLOCK_N, BLOCK_K, warps, stages) below tried in the
     whole fused layer while the others keep the best found so far (the shape rule's to start with).
-    reference_shapes: each GEMV's weight (N, K)."""
+    reference: the fused layer's output with the shape rule's configs; reference_shapes: each GEMV's weight (N, K)."""
     from bench_attention import _graph_ms
     from pagedllm.layers.triton_gemv import gemv_config
     candidates = [(n, k, 4, st) for n in (16, 32, 64, 128) for k in (128, 256) for st in (3, 4)]
