@@ -18,10 +18,11 @@ from pagedllm.attention.triton_qkv import qkv_prepare
 from pagedllm.attention.triton_utils import check_attention_inputs
 
 
-# Decodes up to which attend_qkv runs them in one kernel from qkv: a layer's attention block then measured 0.2-0.9 us
-# faster at batch 1-2 (of 10-19 us; contexts 512 and 4096, Qwen3-8B's and 0.6B's heads), but at batch 4 faster at
-# 512 and 0.5-0.8 us slower at 4096 (bench_decode_block.py on an H200, docs/benchmarks.md). At batch 32 and more it
-# was 2-12% slower (commit 8a68664): every split norms and rotates q again.
+# Decodes up to which attend_qkv runs them in one kernel from qkv. At batch 1-2 a layer's attention block measured
+# 0.2-0.9 us faster with Qwen3-8B's heads and from 0.1 us slower to 0.4 us faster with Qwen3-0.6B's (of 10-19 us,
+# contexts 512 and 4096); at batch 4, faster at 512 and 0.5-0.8 us slower at 4096 (bench_decode_block.py on an
+# H200, docs/benchmarks.md). At batch 32 and more it was 2-12% slower (commit 8a68664): every split norms and
+# rotates q again.
 FUSED_DECODE_MAX_SEQS = 2
 
 
