@@ -196,12 +196,17 @@ def bench_prefill(args, dtype, rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_head_args(parser: argparse.ArgumentParser) -> None:
+    """The attention benchmarks' shared options: dtype and head shape (Qwen3-8B's by default)."""
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_head_args(parser)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="sweep kernel configurations")
     parser.add_argument("--ragged", action="store_true", help="only decode over ragged contexts, by split count")

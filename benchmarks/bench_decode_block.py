@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from bench_attention import add_head_args  # benchmarks/ is on sys.path when this file runs as a script
+
 
 def make_layers(batch: int, context: int, copies: int, args, device: str, gen: torch.Generator):
     from tests.qkv_step_case import make_step
@@ -49,10 +51,7 @@ def block_call(step, out: torch.Tensor, batch: int, fused: bool, splits: int | N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
+    add_head_args(parser)
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--contexts", default="512,4096")
     parser.add_argument("--splits", default="8,16", help="split counts to try besides the default")
