@@ -136,6 +136,9 @@ def test_decode_qkv_rejects_bad_inputs():
         paged_decode_qkv(qkv, pos, 4, rope, rope, cache, pos, tables, lens, 1.0, out, torch.ones(8), None)
     with pytest.raises(ValueError, match="out"):
         paged_decode_qkv(qkv, pos, 4, rope, rope, cache, pos, tables, lens, 1.0, out[:2])
+    from pagedllm.attention.triton_qkv import qkv_prepare
+    with pytest.raises(ValueError, match="contiguous heads"):  # where q goes must be [tokens, heads, head_dim]
+        qkv_prepare(qkv, pos, 4, 2, rope, rope, cache, pos, out=out.transpose(1, 2).contiguous())
 
 
 def _ops_checks(emit) -> None:

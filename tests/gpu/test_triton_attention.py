@@ -266,7 +266,7 @@ def test_prefill_compiles_once_for_any_batch_composition():
 
 
 # (heads, kv_heads, head_dim, block_size, q/k norms): Qwen3-8B's, Qwen3-0.6B's, Llama-like MHA without norms, MQA
-# with a head_dim that pads, a GQA group of 8 with head_dim 256 (the merge takes 4 splits a load)
+# with a head_dim that pads, a GQA group of 8 with head_dim 256
 QKV_DECODE_SHAPES = [(32, 8, 128, 16, True), (16, 8, 128, 16, True), (8, 8, 64, 32, False), (4, 1, 80, 16, True),
                      (16, 2, 256, 16, False)]
 
