@@ -9,8 +9,8 @@ and its log-sum-exp, and a second kernel merges them. `num_splits` depends only 
 never on sequence lengths, so the launch is CUDA-graph capturable; a program whose chunk starts past its
 sequence's end runs no iterations (a seq_len of 0, graph padding, reads nothing and yields zeros). Merging in the
 last program of a (sequence, kv head) to finish, found by an atomic counter, measured 1-4 us a layer slower at
-batch 1-4 on an H200 than the second kernel (bench_decode_block.py on dcc437c's kernels): its loads wait behind
-the slowest chunk, where the merge kernel's programs run side by side.
+batch 1-4 on an H200 than the second kernel (bench_decode_block.py on dcc437c's kernels); likely because its
+loads wait one after another behind the slowest chunk, where the merge kernel's programs run side by side.
 
 paged_decode_qkv starts from the qkv projection's output instead of q: each program norms and rotates its heads' q
 itself, and the program whose chunk holds the new token also norms and rotates its k and writes k and v into the
