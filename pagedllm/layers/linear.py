@@ -23,6 +23,11 @@ GEMV_MAX_ROWS = 4
 FUSED_MAX_ROWS = 2
 
 
+def _pdl(x: torch.Tensor) -> bool:
+    from pagedllm.attention import triton_prefetch
+    return triton_prefetch.PDL_IN_ENGINE and x.shape[0] <= FUSED_MAX_ROWS
+
+
 class Linear(nn.Linear):
     def _takes_gemv(self, x: torch.Tensor, max_rows: int = GEMV_MAX_ROWS) -> bool:
         if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_rows
@@ -34,21 +39,18 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_gemv(x):
             from pagedllm.layers.triton_gemv import gemv
-            return gemv(x, self.weight, self.bias)
+            return gemv(x, self.weight, self.bias, pdl=_pdl(x))
         return F.linear(x, self.weight, self.bias)
 
     def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-               act_silu_and_mul: bool = False, prefetch: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               act_silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer applied to norm(x + residual) (norm(x) when residual is None), then SiLU-and-mul over its
-        [gate | up] output if asked: returns (out, the next residual: x + residual, or x without one).
-        prefetch: a weight that a later layer reads, which the fused GEMV's programs ask the L2 for once done
-        with their own (triton_gemv.gemv); ignored on every other path."""
+        [gate | up] output if asked: returns (out, the next residual: x + residual, or x without one)."""
         fusable = residual is None or residual.stride(-1) == 1
         if self._takes_gemv(x, FUSED_MAX_ROWS) and fusable and not (act_silu_and_mul and self.bias is not None):
             from pagedllm.layers.triton_gemv import gemv
             fused = gemv(x, self.weight, self.bias, norm=(norm.weight, norm.eps), residual=residual,
-                         silu_and_mul=act_silu_and_mul, prefetch=prefetch)
+                         silu_and_mul=act_silu_and_mul, pdl=_pdl(x))
             return fused if residual is not None else (fused, x)  # with a residual, gemv returns the pair
         if residual is None:
             h, residual = norm(x), x

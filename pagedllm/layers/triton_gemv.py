@@ -22,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_prefetch import PREFETCH_THREADS, can_prefetch_l2, prefetch_l2
+from pagedllm.attention.triton_prefetch import pdl_supported, prefetch_l2
 from pagedllm.attention.triton_utils import dot_precision
 
 MAX_ROWS = 16  # the rows of tl.dot's A tile: calls of up to 16 rows
+PDL_PREFETCH_COLS = 512  # with pdl: weights of each row asked of the L2 before the wait
 
 
 @triton.jit
@@ -41,11 +42,11 @@ def _x_tiles(x_rows, r_rows, norm_ptr, kk, row_mask, K, HAS_RESIDUAL: tl.constex
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, prefetch_ptr, M, N, K, up_offset,
-                 stride_x, stride_r, stride_nr, stride_w, stride_o, eps, prefetch_bytes,
+def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
+                 stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 PDL: tl.constexpr, PF_CHUNKS: tl.constexpr, PF_ELEMS: tl.constexpr, PF_BYTES: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,6 +58,15 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
     row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
     dtype = x_ptr.dtype.element_ty
+    if PDL:  # launched early (triton_prefetch.py): the first PF_CHUNKS x PF_ELEMS weights of each of its rows into
+        # the L2 while the kernel before finishes (PF_BYTES a chunk), then wait for it (it writes x)
+        if PF_ELEMS > 0:
+            chunks = (tl.arange(0, PF_CHUNKS) * PF_ELEMS)[None, :]
+            sizes = tl.where(col_mask, PF_BYTES, 0) + 0 * chunks
+            prefetch_l2(w_rows + chunks, sizes)
+            if SILU_MUL:
+                prefetch_l2(up_rows + chunks, sizes)
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
@@ -82,6 +92,8 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
         if SILU_MUL:
             b_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
             acc_up += tl.dot(a, tl.trans(b_up), input_precision=PRECISION)
+    if PDL:  # the weight is read: the next kernel may start its own early part
+        tl.extra.cuda.gdc_launch_dependents()
     if NORM:
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
         acc *= rstd[:, None]
@@ -94,8 +106,6 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
         acc = silu * acc_up.to(dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_mask & (cols[None, :] < N))
-    if PREFETCH:  # this program's weight is read: ask the L2 for its share of the tensor a later kernel reads
-        prefetch_l2(prefetch_ptr, prefetch_bytes, pid, tl.num_programs(0), PREFETCH_THREADS)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -116,14 +126,15 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         residual: torch.Tensor | None = None, silu_and_mul: bool = False, prefetch: torch.Tensor | None = None):
+         residual: torch.Tensor | None = None, silu_and_mul: bool = False, pdl: bool = False,
+         prefetch_cols: int = PDL_PREFETCH_COLS):
     """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in fp32; 1 <= M <= 16.
 
     norm=(norm_weight [K], eps): RMSNorm(x) is the input; with residual [M, K], RMSNorm(x + residual) is, and the
     call returns (out, x + residual). silu_and_mul: weight is [gate; up] ([2I, K]) and out is silu(gate) * up
     [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves).
-    prefetch: a tensor that a later kernel reads (the next layer's weight); each program, done with its own weight,
-    asks the L2 for its share of it (triton_prefetch.py). Where the device cannot (can_prefetch_l2), it is ignored."""
+    pdl: launch with programmatic dependent launch (triton_prefetch.py) where the device has it: each program
+    asks the L2 for the first prefetch_cols weights of its rows, then waits for the kernel before."""
     if not supports(x, weight):
         raise ValueError(f"gemv: needs x [M <= {MAX_ROWS}, K] and weight [N, K] of one float dtype with contiguous "
                          f"rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
@@ -144,16 +155,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (out, 0.0)
-    grid = triton.cdiv(n, block_n)
-    if prefetch is not None and (warps != 4 or not can_prefetch_l2(prefetch, grid)):
-        prefetch = None
-    _gemv_kernel[(grid,)](
+    pdl = pdl and pdl_supported(x)
+    chunks = max(1, 32 * warps // block_n)  # prefetch requests a row, so that each thread issues about one
+    size = weight.element_size()
+    pf_elems = min(prefetch_cols, k) // chunks
+    if not pdl or (pf_elems * size) % 16 or (weight.stride(0) * size) % 16 or weight.data_ptr() % 16:
+        pf_elems = 0
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, new_residual, norm_weight, weight,
-        bias if bias is not None else out, out, prefetch if prefetch is not None else out, x.shape[0], n, k,
-        n * weight.stride(0), x.stride(0), residual.stride(0) if residual is not None else 0,
-        new_residual.stride(0), weight.stride(0), out.stride(0), eps,
-        prefetch.numel() * prefetch.element_size() if prefetch is not None else 0,
+        bias if bias is not None else out, out, x.shape[0], n, k, n * weight.stride(0), x.stride(0),
+        residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
+        out.stride(0), eps,
         HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
-        SILU_MUL=silu_and_mul, PREFETCH=prefetch is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+        SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), PDL=pdl, PF_CHUNKS=chunks, PF_ELEMS=pf_elems, PF_BYTES=pf_elems * size,
+        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
     return (out, new_residual) if residual is not None else out

@@ -16,9 +16,6 @@ from pagedllm.layers.linear import Linear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
-import os
-_L2_PREFETCH = os.environ.get("PAGEDLLM_L2_PREFETCH", "1") == "1"  # EXPERIMENT: A/B switch
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
@@ -40,10 +37,7 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over norm(x + residual): returns (its output, the new residual)."""
-        # At a step of 1-2 tokens the attention block waits on memory latency while HBM idles: the qkv GEMV asks
-        # the L2 for o_proj's weight meanwhile (Linear.normed's prefetch).
-        prefetch = self.o_proj.weight if _L2_PREFETCH else None
-        qkv, residual = self.qkv_proj.normed(x, residual, norm, prefetch=prefetch)
+        qkv, residual = self.qkv_proj.normed(x, residual, norm)
         if self.backend.name == "triton":  # q/k norms, rotary and the KV write in a kernel of their own, or in
             # the decode kernel (backend.attend_qkv)
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
