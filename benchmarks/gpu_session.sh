@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
 #   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused pdl kernels-8b
-#   kernels-prefill decode-layout layer layer-sweep decode-block small-step lean-gemv
+#   kernels-prefill decode-layout layer layer-sweep decode-block lean-gemv
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -103,14 +103,8 @@ stage() {
     for m in 8b 0.6b; do timeout 150 python3 benchmarks/bench_pdl.py --model $m 2>&1 | tail -5; done ;;
   decode-block)  # the attention block of a 1-4 sequence decode step: the q/k work apart or in the decode kernel
     for shape in "32 8" "16 8"; do set -- $shape; timeout 150 python3 benchmarks/bench_decode_block.py --heads $1 --kv-heads $2 2>&1 | tail -16; done ;;
-  small-step)  # batch-1 layers of Qwen3-8B with and without PDL, then the engine's batch-1 latency A/B
-    timeout 200 python3 benchmarks/bench_small_step.py --skip-lean --context 512,4096 2>&1 | tail -20
-    for flag in 0 1 0 1; do
-      PAGEDLLM_PDL=$flag timeout 120 python3 -m pagedllm.cli bench latency --model benchmarks/configs/qwen3-8b \
-        --load-format dummy 2>&1 | tail -1 | sed "s/^/PDL $flag: /"
-    done ;;
   lean-gemv)  # a dot-free GEMV against the engine's, each Qwen3-8B layer shape at batch 1
-    timeout 580 python3 benchmarks/bench_small_step.py --skip-layer 2>&1 | tail -20 ;;
+    timeout 580 python3 benchmarks/bench_lean_gemv.py 2>&1 | tail -20 ;;
   layer-sweep)  # the fused GEMV layer of Qwen3-8B at batch 1, each GEMV's config swept in turn
     timeout 400 python3 benchmarks/bench_pdl.py --layer --sweep --model 8b --rows 1 2>&1 | tail -24 ;;
   layer)  # the GEMV layer (no attention) with the norms and SiLU-and-mul apart or fused into the GEMVs

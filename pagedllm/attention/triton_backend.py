@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.attention import triton_prefetch
 from pagedllm.attention.triton_decode import paged_decode, paged_decode_qkv
 from pagedllm.attention.triton_kv_write import write_kv
 from pagedllm.attention.triton_prefill import paged_prefill
@@ -77,7 +76,7 @@ class TritonAttentionBackend:
                         kv_cache, meta.slot_mapping[num_decodes:], *norms, out=q[num_decodes:])
         paged_decode_qkv(qkv[:num_decodes], positions[:num_decodes], num_heads, cos_cache, sin_cache, kv_cache,
                          meta.slot_mapping[:num_decodes], meta.block_tables, meta.seq_lens, scale,
-                         out[:num_decodes], *norms, pdl=triton_prefetch.PDL_IN_ENGINE)
+                         out[:num_decodes], *norms)
         if q is not None:
             paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, out,
                           first_seq=num_decodes)

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_prefetch import pdl_supported, prefetch_l2
 from pagedllm.attention.triton_utils import dot_precision, num_sms
 
 LOG2E = 1.4426950408889634
@@ -62,7 +61,7 @@ def _decode_kernel(
     head_dim, num_heads, num_kv_heads, group,
     BLOCK_G: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, ROW_BYTES: tl.constexpr,
+    FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,30 +77,17 @@ def _decode_kernel(
     row_mask = rows < group
     dim_mask = dims < head_dim
     q_row = q_ptr + seq.to(tl.int64) * stride_qt
-    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if FROM_QKV:
-        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
-        end = tl.minimum(end, seq_len - 1)  # the new token's k and v come from qkv, not from the cache
-        pos = tl.load(positions_ptr + seq).to(tl.int64)
-        cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    if PDL:  # launched early (triton_prefetch.py): the first tile's cached keys and values into the L2 while the
-        # kernel before finishes, then wait for it (it writes q, or qkv)
-        pf_cols = start + tl.arange(0, BLOCK_N)
-        pf_mask = pf_cols < end
-        pf_block = tl.load(block_row + pf_cols // BLOCK_SIZE, mask=pf_mask, other=0).to(tl.int64)
-        pf_base = pf_block * stride_cb + (pf_cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        pf_sizes = tl.where(pf_mask, ROW_BYTES, 0)
-        prefetch_l2(k_cache_ptr + pf_base, pf_sizes)
-        prefetch_l2(v_cache_ptr + pf_base, pf_sizes)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the merge kernel may start; it waits for this one
     if FROM_QKV:
         # q_ptr is the qkv projection's output: every program norms and rotates its heads' q, and the one whose
         # chunk holds the new token (position seq_len - 1) takes that token's k and v from qkv as well: it stores
         # them into the cache and counts them in from registers, so no program reads their slot.
+        pos = tl.load(positions_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
         q = _norm_rope(q_row, heads * head_dim, row_mask, dims, dim_mask, head_dim, cos, sin, q_norm_ptr, eps,
                        HAS_NORM).to(q_ptr.dtype.element_ty)
+        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
+        end = tl.minimum(end, seq_len - 1)
         # Every program loads the new k and v (a few hundred bytes from L2) ahead of its loop, where their latency
         # hides; only the one that holds the new token uses them.
         first = rows < 1
@@ -118,6 +104,7 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D_PAD], tl.float32)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < end
@@ -171,13 +158,10 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, head_dim, num_heads,
-    NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    if PDL:  # launched early: everything it reads comes from the decode kernel
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, D_PAD)
     part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
@@ -212,20 +196,19 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     paged cache; writes out [num_seqs, num_heads, head_dim]. block_tables/seq_lens may have more rows than q.
     num_splits / block_n / num_warps / num_stages override the tuned defaults (tests, benchmarks)."""
     return _launch(q, q.stride(0), q.stride(1), q.shape[1], kv_cache, block_tables, seq_lens, scale, out, None,
-                   num_splits, block_n, num_warps, num_stages, False)
+                   num_splits, block_n, num_warps, num_stages)
 
 
 def paged_decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, cos_cache: torch.Tensor,
                      sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-                     num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
+                     num_splits: int | None = None) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output qkv [num_seqs, (num_heads + 2 * kv_heads) *
     head_dim] (one token per sequence): what triton_qkv.qkv_prepare and paged_decode do, in one launch. q and k are
     normed (if q_norm/k_norm, Qwen3) and rotated at positions [num_seqs]; k and v are stored into kv_cache at
     slot_mapping [num_seqs] (-1 = skip); writes out [num_seqs, num_heads, head_dim]. cos_cache/sin_cache
-    [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs)). pdl: launch it and the split
-    merge with programmatic dependent launch where the device has it (triton_prefetch.py)."""
+    [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs))."""
     num_kv_heads = kv_cache.shape[3]
     num_seqs, width = qkv.shape if qkv.dim() == 2 else (0, 0)
     head_dim = width // (num_heads + 2 * num_kv_heads) if qkv.dim() == 2 else 0
@@ -246,13 +229,12 @@ def paged_decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int,
         raise ValueError(f"paged_decode_qkv: out {tuple(out.shape)} is not [{num_seqs}, {num_heads}, {head_dim}]")
     fused = (positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps)
     return _launch(qkv, qkv.stride(0), head_dim, num_heads, kv_cache, block_tables, seq_lens, scale, out, fused,
-                   num_splits, None, 4, None, pdl and pdl_supported(qkv))
+                   num_splits, None, 4, None)
 
 
 def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int, kv_cache: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor, fused: tuple | None,
-            num_splits: int | None, block_n: int | None, num_warps: int, num_stages: int | None,
-            pdl: bool) -> torch.Tensor:
+            num_splits: int | None, block_n: int | None, num_warps: int, num_stages: int | None) -> torch.Tensor:
     """The decode kernel over q (fused is None) or qkv (fused = (positions, slot_mapping, cos, sin, q_norm, k_norm,
     eps)), whose q rows start every stride_qt elements and whose heads every stride_qh."""
     num_seqs, head_dim = out.shape[0], out.shape[2]
@@ -284,8 +266,6 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
     positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps = fused or (out, out, out, out, None, None, 0.0)
     has_norm = q_norm is not None
-    row_bytes = head_dim * kv_cache.element_size()  # one token's key (or value) of one kv head
-    launch = {"launch_pdl": True} if pdl else {}
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
         q_src, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         positions, slot_mapping, cos_cache, sin_cache, q_norm if has_norm else out, k_norm if has_norm else out,
@@ -295,12 +275,11 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
         head_dim, num_heads, num_kv_heads, group,
         BLOCK_G=block_g, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PRECISION=dot_precision(q_src.dtype), FROM_QKV=fused is not None, HAS_NORM=has_norm,
-        PDL=pdl, ROW_BYTES=row_bytes if row_bytes % 16 == 0 and kv_cache.data_ptr() % 16 == 0 else 0,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), head_dim, num_heads,
-            NUM_SPLITS=num_splits, D_PAD=d_pad, PDL=pdl, num_warps=4, **launch,
+            NUM_SPLITS=num_splits, D_PAD=d_pad, num_warps=4,
         )
     return out

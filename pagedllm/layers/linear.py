@@ -23,11 +23,6 @@ GEMV_MAX_ROWS = 4
 FUSED_MAX_ROWS = 2
 
 
-def _pdl(x: torch.Tensor) -> bool:
-    from pagedllm.attention import triton_prefetch
-    return triton_prefetch.PDL_IN_ENGINE and x.shape[0] <= FUSED_MAX_ROWS
-
-
 class Linear(nn.Linear):
     def _takes_gemv(self, x: torch.Tensor, max_rows: int = GEMV_MAX_ROWS) -> bool:
         if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_rows
@@ -39,7 +34,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_gemv(x):
             from pagedllm.layers.triton_gemv import gemv
-            return gemv(x, self.weight, self.bias, pdl=_pdl(x))
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
@@ -50,7 +45,7 @@ class Linear(nn.Linear):
         if self._takes_gemv(x, FUSED_MAX_ROWS) and fusable and not (act_silu_and_mul and self.bias is not None):
             from pagedllm.layers.triton_gemv import gemv
             fused = gemv(x, self.weight, self.bias, norm=(norm.weight, norm.eps), residual=residual,
-                         silu_and_mul=act_silu_and_mul, pdl=_pdl(x))
+                         silu_and_mul=act_silu_and_mul)
             return fused if residual is not None else (fused, x)  # with a residual, gemv returns the pair
         if residual is None:
             h, residual = norm(x), x

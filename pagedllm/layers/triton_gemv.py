@@ -22,11 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_prefetch import pdl_supported, prefetch_l2
 from pagedllm.attention.triton_utils import dot_precision
 
 MAX_ROWS = 16  # the rows of tl.dot's A tile: calls of up to 16 rows
-PDL_PREFETCH_COLS = 512  # with pdl: weights of each row asked of the L2 before the wait
+ROWS_KERNEL_MAX_ROWS = 2  # calls of up to this many rows take _gemv_rows_kernel, which pads none
 
 
 @triton.jit
@@ -45,8 +44,7 @@ def _x_tiles(x_rows, r_rows, norm_ptr, kk, row_mask, K, HAS_RESIDUAL: tl.constex
 def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
                  stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                 PDL: tl.constexpr, PF_CHUNKS: tl.constexpr, PF_ELEMS: tl.constexpr, PF_BYTES: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,15 +56,6 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
     row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
     dtype = x_ptr.dtype.element_ty
-    if PDL:  # launched early (triton_prefetch.py): the first PF_CHUNKS x PF_ELEMS weights of each of its rows into
-        # the L2 while the kernel before finishes (PF_BYTES a chunk), then wait for it (it writes x)
-        if PF_ELEMS > 0:
-            chunks = (tl.arange(0, PF_CHUNKS) * PF_ELEMS)[None, :]
-            sizes = tl.where(col_mask, PF_BYTES, 0) + 0 * chunks
-            prefetch_l2(w_rows + chunks, sizes)
-            if SILU_MUL:
-                prefetch_l2(up_rows + chunks, sizes)
-        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
@@ -92,8 +81,6 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
         if SILU_MUL:
             b_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
             acc_up += tl.dot(a, tl.trans(b_up), input_precision=PRECISION)
-    if PDL:  # the weight is read: the next kernel may start its own early part
-        tl.extra.cuda.gdc_launch_dependents()
     if NORM:
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
         acc *= rstd[:, None]
@@ -108,6 +95,64 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
              mask=row_mask & (cols[None, :] < N))
 
 
+@triton.jit
+def _gemv_rows_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
+                      stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
+                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_gemv_kernel's work for 1-2 rows without tl.dot: the products are summed in registers ([rows, BLOCK_N,
+    BLOCK_K] in fp32) and reduced over K once after the loop, so no row is padded."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    r_rows = res_ptr + rows[:, None] * stride_r
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
+    row_mask = rows[:, None] < M
+    col_mask = cols[:, None] < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        k_mask = kk[None, :] < K
+        w = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + kk[None, :], mask=row_mask & k_mask, other=0.0)
+        if NORM:
+            if HAS_RESIDUAL:
+                x = (x + tl.load(r_rows + kk[None, :], mask=row_mask & k_mask, other=0.0)).to(dtype)
+                if pid == 0:
+                    tl.store(new_res_ptr + rows[:, None] * stride_nr + kk[None, :], x, mask=row_mask & k_mask)
+            xf = x.to(tl.float32)
+            sum_sq += xf * xf
+            g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            a = (xf * g[None, :]).to(dtype).to(tl.float32)  # rounded where the dot kernel rounds its A tile
+        else:
+            a = x.to(tl.float32)
+        acc += w[None, :, :] * a[:, None, :]
+        if SILU_MUL:
+            w_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0).to(tl.float32)
+            acc_up += w_up[None, :, :] * a[:, None, :]
+    out = tl.sum(acc, 2)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, 1) / K + eps)
+        out *= rstd[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if SILU_MUL:  # rounded as F.silu(gate) * up rounds: the gate, the up, then silu(gate), then the product
+        up = tl.sum(acc_up, 2)
+        if NORM:
+            up *= rstd[:, None]
+        gate = out.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out = silu * up.to(dtype).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_mask & (cols[None, :] < N))
+
+
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of bench_gemm.py's sweep at M = 1 on an H200 for each
     of Qwen3-8B's and Qwen3-0.6B's layers, as a rule of the shape: 64 columns a program where the layer widens (qkv,
@@ -115,6 +160,14 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     block_n = 64 if n > k else 32
     block_k = 128 if n > 4 * k else 256
     return block_n, block_k, 4, 3 if block_k == 128 else 4
+
+
+def rows_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of _gemv_rows_kernel: the fastest of bench_lean_gemv.py's sweep
+    at one row on an H200 for Qwen3-8B's layers: 16 columns a program and 512-wide K steps, except for the widest
+    layer (gate_up: 32 and 256); 8 warps."""
+    wide = n > 4 * k
+    return (32 if wide else 16), min(256 if wide else 512, triton.next_power_of_2(k)), 8, 3
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -126,15 +179,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         residual: torch.Tensor | None = None, silu_and_mul: bool = False, pdl: bool = False,
-         prefetch_cols: int = PDL_PREFETCH_COLS):
+         residual: torch.Tensor | None = None, silu_and_mul: bool = False):
     """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in fp32; 1 <= M <= 16.
 
     norm=(norm_weight [K], eps): RMSNorm(x) is the input; with residual [M, K], RMSNorm(x + residual) is, and the
     call returns (out, x + residual). silu_and_mul: weight is [gate; up] ([2I, K]) and out is silu(gate) * up
-    [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves).
-    pdl: launch with programmatic dependent launch (triton_prefetch.py) where the device has it: each program
-    asks the L2 for the first prefetch_cols weights of its rows, then waits for the kernel before."""
+    [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves)."""
     if not supports(x, weight):
         raise ValueError(f"gemv: needs x [M <= {MAX_ROWS}, K] and weight [N, K] of one float dtype with contiguous "
                          f"rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
@@ -149,25 +199,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match K = {k}")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError(f"gemv: silu_and_mul needs a weight [gate; up] of even rows and no bias, got {n} rows")
-    block_n, block_k, warps, stages = config or gemv_config(n, k)
+    rows = x.shape[0]
+    lean = rows <= ROWS_KERNEL_MAX_ROWS
+    block_n, block_k, warps, stages = config or (rows_config(n, k) if lean else gemv_config(n, k))
     if silu_and_mul:  # each program takes block_n weight rows in all: half from gate, half from up
-        n, block_n = n // 2, max(16, block_n // 2)
-    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        n, block_n = n // 2, max(1 if lean else 16, block_n // 2)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (out, 0.0)
-    pdl = pdl and pdl_supported(x)
-    chunks = max(1, 32 * warps // block_n)  # prefetch requests a row, so that each thread issues about one
-    size = weight.element_size()
-    pf_elems = min(prefetch_cols, k) // chunks
-    if not pdl or (pf_elems * size) % 16 or (weight.stride(0) * size) % 16 or weight.data_ptr() % 16:
-        pf_elems = 0
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, residual if residual is not None else x, new_residual, norm_weight, weight,
-        bias if bias is not None else out, out, x.shape[0], n, k, n * weight.stride(0), x.stride(0),
-        residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
-        out.stride(0), eps,
-        HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
-        SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), PDL=pdl, PF_CHUNKS=chunks, PF_ELEMS=pf_elems, PF_BYTES=pf_elems * size,
-        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
+    args = (x, residual if residual is not None else x, new_residual, norm_weight, weight,
+            bias if bias is not None else out, out, rows, n, k, n * weight.stride(0), x.stride(0),
+            residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
+            out.stride(0), eps)
+    flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
+                 SILU_MUL=silu_and_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(n, block_n),)
+    if lean:
+        _gemv_rows_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(rows), **flags)
+    else:
+        _gemv_kernel[grid](*args, BLOCK_M=MAX_ROWS, PRECISION=dot_precision(x.dtype), **flags)
     return (out, new_residual) if residual is not None else out
