@@ -196,7 +196,7 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candida
 # _gemv_rows_kernel (1-2 rows), at most 128 products a thread in flight.
 DEEP_CANDIDATES = [(n, k, w, st) for n in (16, 32, 64) for k in (256, 512) for w in (4, 8) for st in (4, 6, 8)
                    if n * k * 2 * st <= 200 * 1024 and (w == 4 or n * k >= 16384) and not (w == 8 and st == 8)]
-ROWS_CANDIDATES = [(n, k, w, 3) for n in (8, 16, 32, 64) for k in (256, 512) for w in (4, 8) if n * k // (32 * w) <= 128]
+ROWS_CANDIDATES = [(n, k, w, 3) for n in (8, 16, 32) for k in (256, 512) for w in (4, 8) if n * k // (32 * w) <= 128]
 
 
 def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_bytes: int, bandwidth: float,

@@ -96,61 +96,84 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
 
 
 @triton.jit
+def _row_input(x_row, r_row, new_res_row, norm_ptr, kk, mask, write_residual, NORM: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr):
+    """One row's K step for _gemv_rows_kernel: (the product's input in fp32, its squares for the norm)."""
+    x = tl.load(x_row + kk, mask=mask, other=0.0)
+    if NORM:
+        if HAS_RESIDUAL:
+            x = (x + tl.load(r_row + kk, mask=mask, other=0.0)).to(x_row.dtype.element_ty)
+            if write_residual:
+                tl.store(new_res_row + kk, x, mask=mask)
+        xf = x.to(tl.float32)
+        g = tl.load(norm_ptr + kk, mask=mask, other=0.0).to(tl.float32)
+        return (xf * g).to(x_row.dtype.element_ty).to(tl.float32), xf * xf  # rounded as the dot kernel's A tile
+    return x.to(tl.float32), x.to(tl.float32)
+
+
+@triton.jit
+def _row_output(acc, acc_up, sum_sq, bias, K, eps, dtype: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr):
+    """One row's result for _gemv_rows_kernel (fp32): the K sums, the norm's rstd, the bias, SiLU-and-mul."""
+    out = tl.sum(acc, 1)
+    up = tl.sum(acc_up, 1)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, 0) / K + eps)
+        out *= rstd
+        up *= rstd
+    out += bias
+    if SILU_MUL:  # rounded as F.silu(gate) * up rounds: the gate, the up, then silu(gate), then the product
+        gate = out.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out = silu * up.to(dtype).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _gemv_rows_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
                       stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                       HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_gemv_kernel's work for 1-2 rows without tl.dot: the products are summed in registers ([rows, BLOCK_N,
-    BLOCK_K] in fp32) and reduced over K once after the loop, so no row is padded."""
+    """_gemv_kernel's work for M = BLOCK_M = 1 or 2 rows without tl.dot: each row's products are summed in registers
+    ([BLOCK_N, BLOCK_K] in fp32) and over K once after the loop, so no row is padded."""
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows[:, None] * stride_x
-    r_rows = res_ptr + rows[:, None] * stride_r
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
     up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
-    row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    sq0 = tl.zeros([BLOCK_K], tl.float32)
+    sq1 = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
-        k_mask = kk[None, :] < K
-        w = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask, other=0.0).to(tl.float32)
-        x = tl.load(x_rows + kk[None, :], mask=row_mask & k_mask, other=0.0)
-        if NORM:
-            if HAS_RESIDUAL:
-                x = (x + tl.load(r_rows + kk[None, :], mask=row_mask & k_mask, other=0.0)).to(dtype)
-                if pid == 0:
-                    tl.store(new_res_ptr + rows[:, None] * stride_nr + kk[None, :], x, mask=row_mask & k_mask)
-            xf = x.to(tl.float32)
-            sum_sq += xf * xf
-            g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            a = (xf * g[None, :]).to(dtype).to(tl.float32)  # rounded where the dot kernel rounds its A tile
-        else:
-            a = x.to(tl.float32)
-        acc += w[None, :, :] * a[:, None, :]
+        k_mask = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask[None, :], other=0.0).to(tl.float32)
         if SILU_MUL:
-            w_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0).to(tl.float32)
-            acc_up += w_up[None, :, :] * a[:, None, :]
-    out = tl.sum(acc, 2)
-    if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, 1) / K + eps)
-        out *= rstd[:, None]
+            w_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask[None, :], other=0.0).to(tl.float32)
+        a, sq = _row_input(x_ptr, res_ptr, new_res_ptr, norm_ptr, kk, k_mask, pid == 0, NORM, HAS_RESIDUAL)
+        acc0 += w * a[None, :]
+        sq0 += sq
+        if SILU_MUL:
+            up0 += w_up * a[None, :]
+        if BLOCK_M == 2:
+            a, sq = _row_input(x_ptr + stride_x, res_ptr + stride_r, new_res_ptr + stride_nr, norm_ptr, kk,
+                               k_mask, pid == 0, NORM, HAS_RESIDUAL)
+            acc1 += w * a[None, :]
+            sq1 += sq
+            if SILU_MUL:
+                up1 += w_up * a[None, :]
+    out_mask = cols < N
+    bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if SILU_MUL:  # rounded as F.silu(gate) * up rounds: the gate, the up, then silu(gate), then the product
-        up = tl.sum(acc_up, 2)
-        if NORM:
-            up *= rstd[:, None]
-        gate = out.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        out = silu * up.to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_mask & (cols[None, :] < N))
+        bias = tl.load(bias_ptr + cols, mask=out_mask, other=0.0).to(tl.float32)
+    out = _row_output(acc0, up0, sq0, bias, K, eps, out_ptr.dtype.element_ty, NORM, SILU_MUL)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if BLOCK_M == 2:
+        out = _row_output(acc1, up1, sq1, bias, K, eps, out_ptr.dtype.element_ty, NORM, SILU_MUL)
+        tl.store(out_ptr + stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -215,7 +238,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                  SILU_MUL=silu_and_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     grid = (triton.cdiv(n, block_n),)
     if lean:
-        _gemv_rows_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(rows), **flags)
+        _gemv_rows_kernel[grid](*args, BLOCK_M=rows, **flags)
     else:
         _gemv_kernel[grid](*args, BLOCK_M=MAX_ROWS, PRECISION=dot_precision(x.dtype), **flags)
     return (out, new_residual) if residual is not None else out
