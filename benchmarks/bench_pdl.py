@@ -187,26 +187,23 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candida
               f"bandwidth (output vs norms apart: relative difference {err:.1e})")
     if sweep:
         sweep_configs(fused, fused().float(), {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
-                      bandwidth, candidates, rows)
+                      bandwidth, candidates)
     return 0
 
 
 # --deep: longer pipelines (more weight bytes in flight per program), up to ~200 KB of shared memory a program;
-# measured slower than the shape rule's (docs/benchmarks.md). --rows-kernel: configs of the dot-free
-# _gemv_rows_kernel (1-2 rows), at most 128 products a thread in flight.
+# measured slower than the shape rule's (docs/benchmarks.md).
 DEEP_CANDIDATES = [(n, k, w, st) for n in (16, 32, 64) for k in (256, 512) for w in (4, 8) for st in (4, 6, 8)
                    if n * k * 2 * st <= 200 * 1024 and (w == 4 or n * k >= 16384) and not (w == 8 and st == 8)]
-ROWS_CANDIDATES = [(n, k, w, 3) for n in (8, 16, 32) for k in (256, 512) for w in (4, 8) if n * k // (32 * w) <= 128]
 
 
 def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_bytes: int, bandwidth: float,
-                  candidates: list | None = None, rows: int = 1) -> None:
+                  candidates: list | None = None) -> None:
     """One GEMV at a time (qkv, o_proj, gate_up, down), each (BLOCK_N, BLOCK_K, warps, stages) below tried in the
     whole fused layer while the others keep the best found so far (the shape rule's to start with).
     reference: the fused layer's output with the shape rule's configs; reference_shapes: each GEMV's weight (N, K)."""
     from bench_attention import _graph_ms
-    from pagedllm.layers.triton_gemv import ROWS_KERNEL_MAX_ROWS, gemv_config, rows_config
-    rule_of = rows_config if rows <= ROWS_KERNEL_MAX_ROWS else gemv_config
+    from pagedllm.layers.triton_gemv import gemv_config
     candidates = candidates or [(n, k, 4, st) for n in (16, 32, 64, 128) for k in (128, 256) for st in (3, 4)]
     best: dict = {}
     base_us = 1e3 * _graph_ms(lambda i: fused(), 1) / layers
@@ -227,7 +224,7 @@ def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_b
             results.append((us, config))
         results.sort()
         best[name] = results[0][1]
-        rule = rule_of(*reference_shapes[name])
+        rule = gemv_config(*reference_shapes[name])
         rule_us = next((u for u, c in results if c == rule), float("nan"))
         print(f"  {name:>8}: best {results[0][1]} {results[0][0]:.1f} us a layer; shape rule {rule} {rule_us:.1f}; "
               "next " + ", ".join(f"{c} {u:.1f}" for u, c in results[1:4]))
@@ -246,7 +243,6 @@ def main() -> int:
                         help="the engine's GEMV layer with the norms and SiLU apart or fused, instead of the chains")
     parser.add_argument("--sweep", action="store_true", help="with --layer: sweep each fused layer GEMV's config")
     parser.add_argument("--deep", action="store_true", help="with --sweep: longer pipelines (DEEP_CANDIDATES)")
-    parser.add_argument("--rows-kernel", action="store_true", help="with --sweep: ROWS_CANDIDATES")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -254,7 +250,7 @@ def main() -> int:
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     if args.layer:
-        candidates = DEEP_CANDIDATES if args.deep else ROWS_CANDIDATES if args.rows_kernel else None
+        candidates = DEEP_CANDIDATES if args.deep else None
         return max(bench_layer(args.model, args.layers, int(rows), args.sweep, candidates)
                    for rows in args.rows.split(","))
     return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))

@@ -25,7 +25,6 @@ import triton.language as tl
 from pagedllm.attention.triton_utils import dot_precision
 
 MAX_ROWS = 16  # the rows of tl.dot's A tile: calls of up to 16 rows
-ROWS_KERNEL_MAX_ROWS = 2  # calls of up to this many rows take _gemv_rows_kernel, which pads none
 
 
 @triton.jit
@@ -95,87 +94,6 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
              mask=row_mask & (cols[None, :] < N))
 
 
-@triton.jit
-def _row_input(x_row, r_row, new_res_row, norm_ptr, kk, mask, write_residual, NORM: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr):
-    """One row's K step for _gemv_rows_kernel: (the product's input in fp32, its squares for the norm)."""
-    x = tl.load(x_row + kk, mask=mask, other=0.0)
-    if NORM:
-        if HAS_RESIDUAL:
-            x = (x + tl.load(r_row + kk, mask=mask, other=0.0)).to(x_row.dtype.element_ty)
-            if write_residual:
-                tl.store(new_res_row + kk, x, mask=mask)
-        xf = x.to(tl.float32)
-        g = tl.load(norm_ptr + kk, mask=mask, other=0.0).to(tl.float32)
-        return (xf * g).to(x_row.dtype.element_ty).to(tl.float32), xf * xf  # rounded as the dot kernel's A tile
-    return x.to(tl.float32), x.to(tl.float32)
-
-
-@triton.jit
-def _row_output(acc, acc_up, sum_sq, bias, K, eps, dtype: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr):
-    """One row's result for _gemv_rows_kernel (fp32): the K sums, the norm's rstd, the bias, SiLU-and-mul."""
-    out = tl.sum(acc, 1)
-    up = tl.sum(acc_up, 1)
-    if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, 0) / K + eps)
-        out *= rstd
-        up *= rstd
-    out += bias
-    if SILU_MUL:  # rounded as F.silu(gate) * up rounds: the gate, the up, then silu(gate), then the product
-        gate = out.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        out = silu * up.to(dtype).to(tl.float32)
-    return out
-
-
-@triton.jit
-def _gemv_rows_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
-                      stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
-                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_gemv_kernel's work for M = BLOCK_M = 1 or 2 rows without tl.dot: each row's products are summed in registers
-    ([BLOCK_N, BLOCK_K] in fp32) and over K once after the loop, so no row is padded."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
-    up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
-    col_mask = cols[:, None] < N
-    acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    up0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    up1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    sq0 = tl.zeros([BLOCK_K], tl.float32)
-    sq1 = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask[None, :], other=0.0).to(tl.float32)
-        if SILU_MUL:
-            w_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask[None, :], other=0.0).to(tl.float32)
-        a, sq = _row_input(x_ptr, res_ptr, new_res_ptr, norm_ptr, kk, k_mask, pid == 0, NORM, HAS_RESIDUAL)
-        acc0 += w * a[None, :]
-        sq0 += sq
-        if SILU_MUL:
-            up0 += w_up * a[None, :]
-        if BLOCK_M == 2:
-            a, sq = _row_input(x_ptr + stride_x, res_ptr + stride_r, new_res_ptr + stride_nr, norm_ptr, kk,
-                               k_mask, pid == 0, NORM, HAS_RESIDUAL)
-            acc1 += w * a[None, :]
-            sq1 += sq
-            if SILU_MUL:
-                up1 += w_up * a[None, :]
-    out_mask = cols < N
-    bias = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=out_mask, other=0.0).to(tl.float32)
-    out = _row_output(acc0, up0, sq0, bias, K, eps, out_ptr.dtype.element_ty, NORM, SILU_MUL)
-    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if BLOCK_M == 2:
-        out = _row_output(acc1, up1, sq1, bias, K, eps, out_ptr.dtype.element_ty, NORM, SILU_MUL)
-        tl.store(out_ptr + stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of bench_gemm.py's sweep at M = 1 on an H200 for each
     of Qwen3-8B's and Qwen3-0.6B's layers, as a rule of the shape: 64 columns a program where the layer widens (qkv,
@@ -183,14 +101,6 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     block_n = 64 if n > k else 32
     block_k = 128 if n > 4 * k else 256
     return block_n, block_k, 4, 3 if block_k == 128 else 4
-
-
-def rows_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of _gemv_rows_kernel: the fastest of bench_lean_gemv.py's sweep
-    at one row on an H200 for Qwen3-8B's layers: 16 columns a program and 512-wide K steps, except for the widest
-    layer (gate_up: 32 and 256); 8 warps."""
-    wide = n > 4 * k
-    return (32 if wide else 16), min(256 if wide else 512, triton.next_power_of_2(k)), 8, 3
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -222,23 +132,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match K = {k}")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError(f"gemv: silu_and_mul needs a weight [gate; up] of even rows and no bias, got {n} rows")
-    rows = x.shape[0]
-    lean = rows <= ROWS_KERNEL_MAX_ROWS
-    block_n, block_k, warps, stages = config or (rows_config(n, k) if lean else gemv_config(n, k))
+    block_n, block_k, warps, stages = config or gemv_config(n, k)
     if silu_and_mul:  # each program takes block_n weight rows in all: half from gate, half from up
-        n, block_n = n // 2, max(1 if lean else 16, block_n // 2)
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        n, block_n = n // 2, max(16, block_n // 2)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (out, 0.0)
-    args = (x, residual if residual is not None else x, new_residual, norm_weight, weight,
-            bias if bias is not None else out, out, rows, n, k, n * weight.stride(0), x.stride(0),
-            residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
-            out.stride(0), eps)
-    flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
-                 SILU_MUL=silu_and_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    grid = (triton.cdiv(n, block_n),)
-    if lean:
-        _gemv_rows_kernel[grid](*args, BLOCK_M=rows, **flags)
-    else:
-        _gemv_kernel[grid](*args, BLOCK_M=MAX_ROWS, PRECISION=dot_precision(x.dtype), **flags)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, new_residual, norm_weight, weight,
+        bias if bias is not None else out, out, x.shape[0], n, k, n * weight.stride(0), x.stride(0),
+        residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
+        out.stride(0), eps,
+        HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
+        SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return (out, new_residual) if residual is not None else out
