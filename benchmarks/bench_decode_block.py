@@ -25,7 +25,7 @@ def make_layers(batch: int, context: int, copies: int, args, device: str, gen: t
                      16, True, getattr(torch, args.dtype), device, gen)
 
 
-def block_call(step, out: torch.Tensor, batch: int, fused: bool, splits: int | None):
+def block_call(step, out: torch.Tensor, batch: int, fused: bool, splits: int | None, block_n: int | None = None):
     """call(i): the attention block of copy i (its `batch` sequences) into out's rows of that copy."""
     from pagedllm.attention.triton_decode import paged_decode, paged_decode_qkv
     from pagedllm.attention.triton_qkv import qkv_prepare
@@ -40,7 +40,7 @@ def block_call(step, out: torch.Tensor, batch: int, fused: bool, splits: int | N
         if fused:
             paged_decode_qkv(step.qkv[rows], step.positions[rows], heads, cos, sin, b.kv_cache,
                              meta.slot_mapping[rows], meta.block_tables[rows], meta.seq_lens[rows], scale, out[rows],
-                             q_w, k_w, eps, num_splits=splits)
+                             q_w, k_w, eps, num_splits=splits, block_n=block_n)
         else:
             q = qkv_prepare(step.qkv[rows], step.positions[rows], heads, b.kv_cache.shape[3], cos, sin, b.kv_cache,
                             meta.slot_mapping[rows], q_w, k_w, eps)
@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--contexts", default="512,4096")
     parser.add_argument("--splits", default="8,16", help="split counts to try besides the default")
+    parser.add_argument("--block-n", default="", help="key tiles to try in the fused kernel besides the default")
     parser.add_argument("--copies", type=int, default=36, help="blocks a graph runs (a model's layers)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -65,7 +66,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}  heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  "
           f"{args.copies} blocks a graph; us a block")
-    print(f"{'batch':>5} {'context':>7} {'splits':>6}  {'apart':>8} {'fused':>8}  rel diff")
+    tiles = [int(t) for t in args.block_n.split(",") if t]
+    print(f"{'batch':>5} {'context':>7} {'splits':>6}  {'apart':>8} {'fused':>8}  rel diff"
+          + "".join(f"  {'tile ' + str(t):>8}" for t in tiles))
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             step = make_layers(batch, context, args.copies, args, "cuda", gen)
@@ -80,8 +83,15 @@ def main() -> int:
                     got.append(out[:batch].double().clone())
                     times.append(_graph_ms(call, args.copies) * 1e3)
                 diff = float((got[1] - got[0]).norm() / got[0].norm())
+                for tile in tiles:  # the fused kernel with other key tiles
+                    call = block_call(step, out, batch, True, splits, tile)
+                    out.fill_(float("nan"))
+                    call(0)
+                    diff = max(diff, float((out[:batch].double() - got[0]).norm() / got[0].norm()))
+                    times.append(_graph_ms(call, args.copies) * 1e3)
                 mark = "*" if splits == default else " "
-                print(f"{batch:>5} {context:>7} {splits:>5}{mark}  {times[0]:>8.2f} {times[1]:>8.2f}  {diff:.1e}")
+                print(f"{batch:>5} {context:>7} {splits:>5}{mark}  {times[0]:>8.2f} {times[1]:>8.2f}  {diff:.1e}"
+                      + "".join(f"  {t:>8.2f}" for t in times[2:]))
             del step, out
             torch.cuda.empty_cache()
     return 0

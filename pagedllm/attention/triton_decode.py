@@ -203,12 +203,13 @@ def paged_decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int,
                      sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output qkv [num_seqs, (num_heads + 2 * kv_heads) *
     head_dim] (one token per sequence): what triton_qkv.qkv_prepare and paged_decode do, in one launch. q and k are
     normed (if q_norm/k_norm, Qwen3) and rotated at positions [num_seqs]; k and v are stored into kv_cache at
     slot_mapping [num_seqs] (-1 = skip); writes out [num_seqs, num_heads, head_dim]. cos_cache/sin_cache
-    [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs))."""
+    [max_position, head_dim] as RotaryEmbedding lays them out (cat(freqs, freqs)). num_splits / block_n override
+    the defaults (benchmarks)."""
     num_kv_heads = kv_cache.shape[3]
     num_seqs, width = qkv.shape if qkv.dim() == 2 else (0, 0)
     head_dim = width // (num_heads + 2 * num_kv_heads) if qkv.dim() == 2 else 0
@@ -229,7 +230,7 @@ def paged_decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int,
         raise ValueError(f"paged_decode_qkv: out {tuple(out.shape)} is not [{num_seqs}, {num_heads}, {head_dim}]")
     fused = (positions, slot_mapping, cos_cache, sin_cache, q_norm, k_norm, eps)
     return _launch(qkv, qkv.stride(0), head_dim, num_heads, kv_cache, block_tables, seq_lens, scale, out, fused,
-                   num_splits, None, 4, None)
+                   num_splits, block_n, 4, None)
 
 
 def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int, kv_cache: torch.Tensor,
