@@ -68,8 +68,9 @@ def _attention_checks(emit) -> None:
 
 def _qkv_step_checks(emit) -> None:
     """Attention straight from qkv against the layers' torch code: the decode kernel that norms, rotates and writes
-    K/V itself (splits, GQA, a head_dim that pads, graph padding, a context of two tokens), and the backend's
-    attend_qkv over decodes with prefills beside them, both routes."""
+    K/V itself (splits, GQA, a head_dim that pads, graph padding, a context of two tokens, key tiles wider than a
+    page so that many splits cut a short context into page-sized chunks), and the backend's attend_qkv over
+    decodes with prefills beside them, both routes."""
     import torch
 
     from pagedllm.attention import triton_backend
@@ -77,9 +78,10 @@ def _qkv_step_checks(emit) -> None:
     from tests.qkv_step_case import make_step, reference
 
     gen = torch.Generator().manual_seed(7)
-    cases = [([5, 40, 17], 4, 2, 16, 16, True, None), ([33, 2, 0], 2, 1, 12, 16, False, 4),
-             ([70, 9], 4, 4, 8, 32, True, 2)]
-    for idx, (lens, heads, kv_heads, head_dim, block_size, qk_norm, splits) in enumerate(cases):
+    cases = [([5, 40, 17], 4, 2, 16, 16, True, None, None), ([33, 2, 0], 2, 1, 12, 16, False, 4, None),
+             ([70, 9], 4, 4, 8, 32, True, 2, None), ([300, 70, 2], 4, 2, 16, 16, True, 8, 64),
+             ([129, 40], 2, 1, 16, 16, False, 32, 64), ([300, 33], 4, 2, 16, 16, True, 2, 64)]
+    for idx, (lens, heads, kv_heads, head_dim, block_size, qk_norm, splits, block_n) in enumerate(cases):
         step = make_step([(1, n) for n in lens], len(lens), heads, kv_heads, head_dim, block_size, qk_norm,
                          torch.float32, "cpu", gen)
         scale = head_dim ** -0.5
@@ -88,7 +90,7 @@ def _qkv_step_checks(emit) -> None:
         b = step.batch
         paged_decode_qkv(step.qkv, step.positions, heads, step.rotary.cos_cache, step.rotary.sin_cache, b.kv_cache,
                          b.meta.slot_mapping, b.meta.block_tables, b.meta.seq_lens, scale, out, *step.norms,
-                         num_splits=splits)
+                         num_splits=splits, block_n=block_n)
         live = torch.tensor([n > 0 for n in lens])
         emit(f"decode_qkv[{idx}]", rel=_rel(out[live], ref[live]), finite=bool(out.isfinite().all()))
         _emit_cache(emit, f"decode_qkv_cache[{idx}]", b.kv_cache, ref_cache, b.meta.slot_mapping)

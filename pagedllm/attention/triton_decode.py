@@ -67,7 +67,10 @@ def _decode_kernel(
     split = tl.program_id(1)
     seq = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # A chunk is a whole number of tiles where splits are few (large batch), of pages where they are many (a step
+    # of a few sequences): there a short context still spreads over all the splits, each a partly masked tile.
+    SPLIT_ALIGN: tl.constexpr = BLOCK_N if NUM_SPLITS <= 2 else BLOCK_SIZE
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), SPLIT_ALIGN) * SPLIT_ALIGN
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
