@@ -27,8 +27,9 @@ from pagedllm.attention.triton_utils import dot_precision, num_sms
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 # From this many splits (decode steps of 1-2 sequences with 8 kv heads on an H200) the key tile is 64 wide, not
-# 128: bench_decode_block.py measured the attention block 0.1-0.75 us faster at batch 1-2 for 512-4096 tokens, and
-# slower at batch 4 (8 splits) for 4096
+# 128, and each split's chunk a whole number of pages, not of tiles (SPLIT_ALIGN), so that a short context spreads
+# over every split, each a partly masked tile: bench_decode_block.py measured the attention block 0.1-0.75 us
+# faster at batch 1-2 for 512-4096 tokens, and slower at batch 4 (8 splits) for 4096 (docs/benchmarks.md)
 SMALL_TILE_SPLITS = 16
 MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
 
@@ -64,16 +65,13 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, stride_rope,
     head_dim, num_heads, num_kv_heads, group,
     BLOCK_G: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # A chunk is a whole number of tiles where splits are few (large batch), of pages where they are many (a step
-    # of a few sequences): there a short context still spreads over all the splits, each a partly masked tile.
-    SPLIT_ALIGN: tl.constexpr = BLOCK_N if NUM_SPLITS <= 2 else BLOCK_SIZE
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), SPLIT_ALIGN) * SPLIT_ALIGN
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
@@ -282,6 +280,7 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
         block_tables.stride(0), out.stride(0), out.stride(1), cos_cache.stride(0) if fused else 0,
         head_dim, num_heads, num_kv_heads, group,
         BLOCK_G=block_g, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        SPLIT_ALIGN=block_size if num_splits >= SMALL_TILE_SPLITS else block_n,
         PRECISION=dot_precision(q_src.dtype), FROM_QKV=fused is not None, HAS_NORM=has_norm,
         num_warps=num_warps, num_stages=num_stages,
     )
