@@ -1,5 +1,6 @@
 """The experimental kernels of benchmarks/ (bench_gemm.py and fused_linear.py, bench_pdl.py, bench_lean_gemv.py;
-none used by the engine) stay correct: each script's --check runs them in Triton's interpreter on the CPU against torch."""
+none used by the engine) stay correct: each script's --check runs them in Triton's interpreter on the CPU against
+torch."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script,min_checks", [("bench_gemm.py", 30), ("bench_pdl.py", 3),
-                                                          ("bench_lean_gemv.py", 3)])
+                                               ("bench_lean_gemv.py", 3)])
 def test_benchmark_kernel_check_in_interpreter(script, min_checks):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

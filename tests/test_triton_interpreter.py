@@ -69,8 +69,8 @@ def _attention_checks(emit) -> None:
 def _qkv_step_checks(emit) -> None:
     """Attention straight from qkv against the layers' torch code: the decode kernel that norms, rotates and writes
     K/V itself (splits, GQA, a head_dim that pads, graph padding, a context of two tokens, key tiles wider than a
-    page, with chunks of whole tiles and, from SMALL_TILE_SPLITS splits, of whole pages), and the backend's attend_qkv over
-    decodes with prefills beside them, both routes."""
+    page, with chunks of whole tiles and, from SMALL_TILE_SPLITS splits, of whole pages), and the backend's
+    attend_qkv over decodes with prefills beside them, both routes."""
     import torch
 
     from pagedllm.attention import triton_backend
