@@ -1,0 +1,70 @@
+"""Registers, stack (spills) and shared memory a thread of the engine's hot Triton kernels takes on Hopper, without a
+GPU: each kernel is compiled offline for sm_90 with the local Triton (whose bundled ptxas and cuobjdump need no
+driver) at the configs the engine picks for Qwen3-8B's shapes. The device's Triton may compile differently; these
+are hints for where a kernel runs out of registers, not measurements of the device.
+
+    python benchmarks/kernel_resources.py
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# pointer arguments that are not bf16, by name
+POINTER_TYPES = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "positions_ptr": "*i64",
+                 "slot_mapping_ptr": "*i64", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "cos_ptr": "*fp32",
+                 "sin_ptr": "*fp32"}
+FLOAT_ARGS = {"eps", "scale_log2"}
+
+
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
+    """'REG:n STACK:n SHARED:n' of fn compiled for sm_90 with these constexprs (other ints i32, pointers bf16)."""
+    signature = {name: "constexpr" if name in constexprs else POINTER_TYPES.get(name, "*bf16")
+                 if name.endswith("_ptr") else "fp32" if name in FLOAT_ARGS else "i32" for name in fn.arg_names}
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+", dump)
+    return found.group(0) if found else "?"
+
+
+def main() -> int:
+    from bench_gemm import SHAPES  # benchmarks/ is on sys.path when this file runs as a script
+    from pagedllm.attention.triton_decode import SMALL_TILE_SPLITS, _decode_kernel, _merge_splits_kernel
+    from pagedllm.layers.triton_gemv import MAX_ROWS, _gemv_kernel, gemv_config
+    fused = {"qkv": (True, False), "gate_up": (True, True)}  # (norm + residual, SiLU-and-mul) as Linear.normed
+    for name, (k, n) in SHAPES["8b"].items():
+        for norm, silu in {(False, False), fused.get(name, (False, False))}:
+            block_n, block_k, warps, stages = gemv_config(n, k)
+            block_n = max(16, block_n // 2) if silu else block_n
+            flags = dict(HAS_BIAS=False, NORM=norm, HAS_RESIDUAL=norm, SILU_MUL=silu, BLOCK_M=MAX_ROWS,
+                         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="tf32")
+            parts = f"{' + norm' if norm else ''}{' + silu' if silu else ''}"
+            label = f"gemv {name}{parts} {(block_n, block_k, warps, stages)}"
+            print(f"{label:<48} {resources(_gemv_kernel, flags, warps, stages)}")
+    for splits, block_n in ((1, 128), (8, 128), (SMALL_TILE_SPLITS, 64), (32, 64)):
+        for from_qkv in (False, True):
+            flags = dict(BLOCK_G=16, D_PAD=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=splits,
+                         SPLIT_ALIGN=16 if splits >= SMALL_TILE_SPLITS else block_n, PRECISION="tf32",
+                         FROM_QKV=from_qkv, HAS_NORM=from_qkv)
+            label = f"decode{' from qkv' if from_qkv else ''}, {splits} splits, {block_n}-key tiles"
+            print(f"{label:<48} {resources(_decode_kernel, flags, 4, 3)}")
+    print(f"{'merge of 32 splits':<48} {resources(_merge_splits_kernel, dict(NUM_SPLITS=32, D_PAD=128), 4, 3)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
