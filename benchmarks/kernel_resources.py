@@ -47,7 +47,7 @@ def main() -> int:
     from pagedllm.layers.triton_gemv import MAX_ROWS, _gemv_kernel, gemv_config
     fused = {"qkv": (True, False), "gate_up": (True, True)}  # (norm + residual, SiLU-and-mul) as Linear.normed
     for name, (k, n) in SHAPES["8b"].items():
-        for norm, silu in {(False, False), fused.get(name, (False, False))}:
+        for norm, silu in dict.fromkeys([(False, False), fused.get(name, (False, False))]):  # plain, then fused
             block_n, block_k, warps, stages = gemv_config(n, k)
             block_n = max(16, block_n // 2) if silu else block_n
             flags = dict(HAS_BIAS=False, NORM=norm, HAS_RESIDUAL=norm, SILU_MUL=silu, BLOCK_M=MAX_ROWS,
