@@ -25,6 +25,7 @@ parser.add_argument("--prompt-len", type=int, default=512)
 parser.add_argument("--workload", action="store_true",
                     help="the reference workload's first --batch prompts (100-1024 tokens) instead of --prompt-len each")
 parser.add_argument("--steps", type=int, default=50)
+parser.add_argument("--temperature", type=float, default=0.6, help="0: greedy, as `pagedllm bench latency` samples")
 parser.add_argument("--structured", action="store_true",
                     help="every request constrained by bench_structured.py's JSON schema (needs --tokenizer)")
 parser.add_argument("--tokenizer", default=None)
@@ -37,7 +38,7 @@ llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=args.tokenizer is
 engine = llm.llm_engine
 prompts = make_workload().prompts[:args.batch] if args.workload else \
     [[(i * 31 + j) % 10000 + 3 for j in range(args.prompt_len)] for i in range(args.batch)]
-params = SamplingParams(temperature=0.6, max_tokens=10000 - args.prompt_len, ignore_eos=True)
+params = SamplingParams(temperature=args.temperature, max_tokens=10000 - args.prompt_len, ignore_eos=True)
 if args.structured:
     from bench_structured import SCHEMA
 

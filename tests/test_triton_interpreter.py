@@ -69,7 +69,8 @@ def _attention_checks(emit) -> None:
 def _qkv_step_checks(emit) -> None:
     """Attention straight from qkv against the layers' torch code: the decode kernel that norms, rotates and writes
     K/V itself (splits, GQA, a head_dim that pads, graph padding, a context of two tokens, key tiles wider than a
-    page, with chunks of whole tiles and, from SMALL_TILE_SPLITS splits, of whole pages), and the backend's
+    page, with chunks of whole tiles and, from SMALL_TILE_SPLITS splits, of whole pages; 32-key tiles at 32 splits),
+    and the backend's
     attend_qkv over decodes with prefills beside them, both routes."""
     import torch
 
@@ -81,7 +82,8 @@ def _qkv_step_checks(emit) -> None:
     cases = [([5, 40, 17], 4, 2, 16, 16, True, None, None), ([33, 2, 0], 2, 1, 12, 16, False, 4, None),
              ([70, 9], 4, 4, 8, 32, True, 2, None), ([300, 70, 2], 4, 2, 16, 16, True, 8, 64),
              ([129, 40], 2, 1, 16, 16, False, 32, 64), ([300, 5], 4, 2, 16, 16, True, 16, 64),
-             ([300, 33], 4, 2, 16, 16, True, 2, 64)]
+             ([300, 33], 4, 2, 16, 16, True, 2, 64), ([300, 70, 9], 4, 2, 16, 16, True, 32, 32),
+             ([129, 40], 2, 1, 16, 32, False, 32, 32)]
     for idx, (lens, heads, kv_heads, head_dim, block_size, qk_norm, splits, block_n) in enumerate(cases):
         step = make_step([(1, n) for n in lens], len(lens), heads, kv_heads, head_dim, block_size, qk_norm,
                          torch.float32, "cpu", gen)

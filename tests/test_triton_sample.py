@@ -24,7 +24,7 @@ DIST_ROWS = 2000
 
 def _kernel_checks(emit) -> None:
     from pagedllm.sampling.seeds import mix_seed
-    from pagedllm.sampling.triton_sample import gumbel_sample
+    from pagedllm.sampling.triton_sample import argmax_rows, gumbel_sample
 
     gen = torch.Generator().manual_seed(2024)
 
@@ -48,7 +48,9 @@ def _kernel_checks(emit) -> None:
         ones, every = torch.ones(6), torch.ones(6, dtype=torch.bool)
         emit(f"greedy_{dtype}", ref=x.float().argmax(-1).tolist(),
              flag=sample(x, ones, every), zero_t=sample(x, torch.zeros(6)), one_chunk=sample(x, ones, every, block=64),
-             split=sample(x, ones, every, num_splits=4))
+             split=sample(x, ones, every, num_splits=4),
+             argmax_rows=argmax_rows(x, block=16).tolist(), argmax_split=argmax_rows(x, block=16, num_splits=4).tolist(),
+             argmax_split3=argmax_rows(x, block=16, num_splits=3).tolist())
 
     # -inf entries: a high temperature (the noise dominates) and 10 draws of each of 8 rows.
     x = torch.randn(8, 40, generator=gen)
@@ -62,7 +64,7 @@ def _kernel_checks(emit) -> None:
          single=[t for i, t in enumerate(tokens) if i % 8 == 7])
     dead = torch.full((3, 20), float("-inf"))
     emit("all_masked", tokens=sample(dead, 1.0) + sample(dead, 1.0, torch.ones(3, dtype=torch.bool))
-         + sample(dead, 1.0, num_splits=2))
+         + sample(dead, 1.0, num_splits=2) + argmax_rows(dead, block=4, num_splits=3).tolist())
 
     # A row's token depends on its logits, temperature and seed only.
     x = torch.randn(5, 37, generator=gen)
@@ -103,6 +105,8 @@ def test_greedy_rows_equal_argmax(checks, dtype):
     assert rec["zero_t"] == rec["ref"]
     assert rec["one_chunk"] == rec["ref"]
     assert rec["split"] == rec["ref"]
+    # argmax_rows: the kernel for greedy batches, one program a row and split (the last split's program reduces)
+    assert rec["argmax_rows"] == rec["argmax_split"] == rec["argmax_split3"] == rec["ref"]
 
 
 def test_masked_entries_never_chosen(checks):

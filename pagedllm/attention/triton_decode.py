@@ -31,6 +31,9 @@ MAX_SPLITS = 32
 # over every split, each a partly masked tile: bench_decode_block.py measured the attention block 0.1-0.75 us
 # faster at batch 1-2 for 512-4096 tokens, and slower at batch 4 (8 splits) for 4096 (docs/benchmarks.md)
 SMALL_TILE_SPLITS = 16
+# From this many (batch 1 with 8 kv heads) the key tile is 32 wide: measured 0.4-1.0 us a block faster than 64 for
+# 512-1024 tokens, even at 2048, and 0.6 us slower at 4096 (bench_decode_block.py, docs/benchmarks.md)
+TINY_TILE_SPLITS = 32
 MAX_GRID_SEQS = 65535  # CUDA's limit on a grid's third axis, which holds the sequences
 
 
@@ -259,7 +262,8 @@ def _launch(q_src: torch.Tensor, stride_qt: int, stride_qh: int, num_heads: int,
     block_g = max(16, triton.next_power_of_2(group))
     if block_n is None:  # 128 measured best on an H200 for bf16, head_dim 128 (bench_attention.py --tune); 64 is
         # 2-4% faster on bench_decode_layout.py's batch >= 128 but not on the engine's workload (docs/benchmarks.md)
-        block_n = 128 if d_pad <= 128 and num_splits < SMALL_TILE_SPLITS else 64
+        block_n = 128 if d_pad <= 128 and num_splits < SMALL_TILE_SPLITS else \
+            64 if num_splits < TINY_TILE_SPLITS else 32
         if q_src.dtype == torch.float32:  # fp32 dots run on FMA units; larger tiles spill registers
             block_n = 16
     if num_stages is None:

@@ -2,7 +2,8 @@
 min_tokens, and top-k logprobs of the raw model output. No Python loop over requests except one per seeded row.
 
 On CUDA, given per-row seeds, the draw itself (temperature, softmax, random choice, greedy argmax) is one fused
-Triton kernel (triton_sample.py); elsewhere it is torch code: inverse-CDF sampling with torch generators."""
+Triton kernel (triton_sample.py), as is the argmax of an all-greedy batch; elsewhere it is torch code: inverse-CDF
+sampling with torch generators."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +13,8 @@ import torch
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # float32 [B]; greedy rows hold 1.0 (unused)
-    greedy: torch.Tensor  # bool [B]
+    temperature: torch.Tensor | None  # float32 [B]; greedy rows hold 1.0 (unused); may be None if all_greedy
+    greedy: torch.Tensor | None  # bool [B]; may be None if all_greedy
     all_greedy: bool
     any_greedy: bool = True
     top_k: torch.Tensor | None = None  # int64 [B]; vocab_size where disabled
@@ -95,20 +96,21 @@ class Sampler:
         self.default_generator = default_generator
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        fused = logits.is_cuda and meta.seeds is not None
+        # the fused kernel: given seeds, or for a batch of greedy rows only (argmax_rows)
+        fused = logits.is_cuda and (meta.seeds is not None or meta.all_greedy)
         filtered = not meta.all_greedy and (meta.min_p is not None or meta.top_k is not None
                                             or meta.top_p is not None)
         if not fused or filtered or meta.banned_token_ids or meta.repetition_penalty is not None:
             logits = logits.float()
         if fused:
-            from pagedllm.sampling.triton_sample import gumbel_sample  # triton is imported on the CUDA path only
+            from pagedllm.sampling.triton_sample import argmax_rows, gumbel_sample  # triton: the CUDA path only
         raw_logprobs = logits.float().log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         for row, token_ids in meta.banned_token_ids:
             logits[row, token_ids] = float("-inf")
         if meta.repetition_penalty is not None:
             logits = apply_penalties(logits, meta)
         if meta.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits) if fused else logits.argmax(dim=-1)
         elif fused and not filtered:
             tokens = gumbel_sample(logits, meta.temperature, meta.greedy, meta.seeds)
         else:

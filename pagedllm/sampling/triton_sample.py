@@ -2,8 +2,9 @@
 argmax_v(logits[v] / T + G[v]), G = -log(-log(U)) with U drawn from Philox (tl.rand4x: four columns per call) keyed
 by the row's seed and counted by the column, which is a draw from softmax(logits / T); greedy rows (flag, or
 T == 0) take the plain argmax. Ties go to the lowest index, as torch.argmax; -inf entries are never chosen (an all
--inf row gives 0). A small batch also splits the vocabulary over several programs per row; a torch argmax over the
-splits' partial maxima then picks the token.
+-inf row gives 0). A small batch also splits the vocabulary over several programs per row; the last of a row's
+programs to finish (a counter per row) picks the token from the splits' partial maxima, so a call is one kernel.
+argmax_rows() is the same kernel for a batch of greedy rows only: no temperatures, flags or seeds to load.
 
 A row's draw depends only on its seed (seeds.py derives them), never on the rest of the batch.
 """
@@ -20,14 +21,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, part_score_ptr, part_col_ptr,
-                          vocab, span, stride_row, BLOCK: tl.constexpr):
-    """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span)."""
+                          count_ptr, out_ptr, vocab, span, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                          ALL_GREEDY: tl.constexpr):
+    """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span);
+    the row's token from the splits' results (SPLITS: their number rounded up to a power of two)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     row_ptr = logits_ptr + row * stride_row
-    temperature = tl.load(temperature_ptr + row)
-    greedy = (tl.load(greedy_ptr + row) != 0) | (temperature == 0.0)
-    seed = tl.load(seeds_ptr + row)
+    if ALL_GREEDY:
+        greedy = True
+        temperature = 1.0
+        seed = 0
+    else:
+        temperature = tl.load(temperature_ptr + row)
+        greedy = (tl.load(greedy_ptr + row) != 0) | (temperature == 0.0)
+        seed = tl.load(seeds_ptr + row)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)  # running max of each lane over the chunks
     best_col = tl.zeros([BLOCK], tl.int32)
@@ -52,9 +61,26 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
         best = tl.where(take, score, best)
         best_col = tl.where(take, cols, best_col)
     top = tl.max(best, 0)
-    part = row * tl.num_programs(1) + split
-    tl.store(part_score_ptr + part, top)
-    tl.store(part_col_ptr + part, tl.min(tl.where(best == top, best_col, hi), 0).to(tl.int64))
+    # the lowest column holding the top score (NaN scores match nothing: the last column then, still a token)
+    col = tl.minimum(tl.min(tl.where(best == top, best_col, vocab), 0), vocab - 1).to(tl.int64)
+    if num_splits == 1:
+        tl.store(out_ptr + row, col)
+    else:
+        part = row * num_splits + split
+        tl.store(part_score_ptr + part, top)
+        tl.store(part_col_ptr + part, col)
+        tl.debug_barrier()  # every thread's stores are issued before the counter releases them
+        if tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            # the row's last program: the other splits' results are visible after the acquire above. Splits cover
+            # increasing columns, so the lowest column among the top scores is torch.argmax's first maximum.
+            splits = tl.arange(0, SPLITS)
+            parts = row * num_splits + splits
+            scores = tl.load(part_score_ptr + parts, mask=splits < num_splits, other=float("-inf"),
+                             cache_modifier=".cg")
+            cols = tl.load(part_col_ptr + parts, mask=splits < num_splits, other=vocab, cache_modifier=".cg")
+            token = tl.min(tl.where(scores == tl.max(scores, 0), cols, vocab), 0)
+            tl.store(out_ptr + row, tl.minimum(token, vocab - 1))
+            tl.store(count_ptr + row, 0)  # ready for the next call
 
 
 def choose_num_splits(batch: int, vocab: int, block: int, device: torch.device) -> int:
@@ -72,11 +98,8 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
     row's seed (int64), or the argmax where greedy (bool) is set or the temperature (float32) is 0. Returns int64 [B].
     block (a power of two) and num_splits (programs per row) override the defaults (tests, benchmarks); the tokens
     do not depend on either."""
-    if logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError(f"gumbel_sample: logits must be [batch, vocab] with vocab > 0, got {tuple(logits.shape)}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"gumbel_sample: logits dtype {logits.dtype} is not supported (float16, bfloat16, float32)")
-    batch, vocab = logits.shape
+    _check_logits("gumbel_sample", logits)
+    batch = logits.shape[0]
     for name, tensor, dtype in (("temperature", temperature, torch.float32), ("greedy", greedy, torch.bool),
                                 ("seeds", seeds, torch.int64)):
         if tensor.shape != (batch,) or tensor.dtype != dtype:
@@ -84,25 +107,50 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
                              f"{list(tensor.shape)}")
         if tensor.device != logits.device:
             raise ValueError(f"gumbel_sample: {name} is on {tensor.device}, logits on {logits.device}")
+    return _launch("gumbel_sample", logits, (temperature.contiguous(), greedy.contiguous().view(torch.uint8),
+                                             seeds.contiguous()), block, num_splits, all_greedy=False)
+
+
+def argmax_rows(logits: torch.Tensor, block: int = 2048, num_splits: int | None = None) -> torch.Tensor:
+    """torch.argmax(logits, dim=1) of logits [B, V] (float16, bfloat16 or float32) by the sampling kernel, in one
+    launch: ties to the lowest column, -inf never chosen unless the whole row is (then 0). Returns int64 [B]."""
+    _check_logits("argmax_rows", logits)
+    return _launch("argmax_rows", logits, (logits, logits, logits), block, num_splits, all_greedy=True)
+
+
+def _check_logits(caller: str, logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"{caller}: logits must be [batch, vocab] with vocab > 0, got {tuple(logits.shape)}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{caller}: logits dtype {logits.dtype} is not supported (float16, bfloat16, float32)")
+
+
+_counters: dict[torch.device, torch.Tensor] = {}  # per device: one zeroed int32 counter a row, reset by the kernel
+
+
+def _launch(caller: str, logits: torch.Tensor, row_params: tuple, block: int, num_splits: int | None,
+            all_greedy: bool) -> torch.Tensor:
+    """The kernel over logits [B, V]; row_params: temperature, greedy (as uint8) and seeds, unread if all_greedy."""
     if block < 4 or block & (block - 1):
-        raise ValueError(f"gumbel_sample: block must be a power of two >= 4, got {block}")
+        raise ValueError(f"{caller}: block must be a power of two >= 4, got {block}")
     if num_splits is not None and num_splits < 1:
-        raise ValueError(f"gumbel_sample: num_splits must be >= 1, got {num_splits}")
+        raise ValueError(f"{caller}: num_splits must be >= 1, got {num_splits}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    batch, vocab = logits.shape
     block = max(4, min(block, triton.next_power_of_2(vocab)))  # at least one Philox call's four columns
     if num_splits is None:
         num_splits = choose_num_splits(batch, vocab, block, logits.device)
     span = triton.cdiv(triton.cdiv(vocab, num_splits), block) * block  # whole blocks; no split is empty
     num_splits = triton.cdiv(vocab, span)
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     part_score = torch.empty(batch, num_splits, dtype=torch.float32, device=logits.device)
     part_col = torch.empty(batch, num_splits, dtype=torch.int64, device=logits.device)
+    counters = _counters.get(logits.device)
+    if counters is None or counters.numel() < batch:
+        counters = _counters[logits.device] = torch.zeros(max(batch, 256), dtype=torch.int32, device=logits.device)
     if batch > 0:
         _gumbel_argmax_kernel[(batch, num_splits)](
-            logits, temperature.contiguous(), greedy.contiguous().view(torch.uint8), seeds.contiguous(),
-            part_score, part_col, vocab, span, logits.stride(0), BLOCK=block,
-            num_warps=max(1, min(8, block // 256)))
-    if num_splits == 1:
-        return part_col[:, 0]
-    # splits cover increasing columns and argmax takes the first maximum: ties still go to the lowest column
-    return part_col.gather(1, part_score.argmax(dim=1, keepdim=True))[:, 0]
+            logits, *row_params, part_score, part_col, counters, out, vocab, span, logits.stride(0), BLOCK=block,
+            SPLITS=triton.next_power_of_2(num_splits), ALL_GREEDY=all_greedy, num_warps=max(1, min(8, block // 256)))
+    return out

@@ -1,5 +1,6 @@
-"""CUDA graphs for decode steps: the model's forward captured once per batch size at startup (all sharing one
-memory pool, all reading the persistent input buffers), replayed with the batch padded to the next captured size."""
+"""CUDA graphs for decode steps: the model's forward and logits captured once per batch size at startup (all sharing
+one memory pool, all reading the persistent input buffers), replayed with the batch padded to the next captured
+size."""
 from __future__ import annotations
 
 import logging
@@ -37,18 +38,18 @@ class DecodeGraphs:
             input_ids, positions, meta = self.buffers.load(step, full_width=True)
             meta.query_start_loc_cpu = meta.seq_lens_cpu = None
             meta.max_seq_len = 0  # not known at capture: the kernels must not depend on it
-            self.model(input_ids, positions, meta)  # warm-up (Triton compiles, allocator settles)
+            self.model.compute_logits(self.model(input_ids, positions, meta))  # warm-up (Triton compiles, ...)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(input_ids, positions, meta)
+                self.outputs[size] = self.model.compute_logits(self.model(input_ids, positions, meta))
             self.graphs[size] = graph
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes),
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
     def run(self, step: StepInputs) -> torch.Tensor:
-        """Hidden states of a decode-only step already padded to a captured batch size."""
+        """Logits [padded batch, vocab] of a decode-only step already padded to a captured batch size."""
         size = len(step.seq_lens)
         self.buffers.load(step, full_width=True)
         self.graphs[size].replay()

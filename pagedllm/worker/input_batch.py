@@ -40,62 +40,70 @@ class StepInputs:
 
 
 class InputBuffers:
+    """All of a step's integer inputs in one pinned host buffer and one device buffer, so that a step's inputs go
+    to the device in one copy (each copy costs the device 2-3 us at a small batch; a step used to make seven).
+
+    A step's layout depends only on its sizes (tokens T, sequences S, block-table width W, deferred rows D): int64
+    input ids, positions and slots [T each], int32 query_start_loc [S + 1], seq_lens [S] and block tables [S, W],
+    then int64 deferred rows and sources [2, D], packed in that order from offset 0. A CUDA graph of batch B reads
+    the views of (B, B, max width): every replay of it puts its inputs at the same addresses."""
+
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.device = device
         self.max_blocks_per_seq = max_blocks_per_seq
         self.on_gpu = device.type == "cuda"
+        size = self._layout(max_tokens, max_seqs, max_blocks_per_seq, max_seqs)[-1]
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=self.on_gpu)
+        self.device_buffer = torch.zeros(size, dtype=torch.uint8, device=device) if self.on_gpu else self.host
+        self._copied: torch.cuda.Event | None = None  # the last load's copy out of the host staging is done
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=self.on_gpu)
-            return host, (torch.zeros(shape, dtype=dtype, device=device) if self.on_gpu else host)
+    @staticmethod
+    def _layout(tokens: int, seqs: int, width: int, deferred: int) -> list[int]:
+        """Byte offsets of ids, positions, slots, query_start_loc, seq_lens, block tables, deferred; and the end."""
+        offsets = [0, 8 * tokens, 16 * tokens, 24 * tokens]
+        offsets.append(offsets[-1] + 4 * (seqs + 1))  # seq_lens
+        offsets.append(offsets[-1] + 4 * seqs)  # block tables
+        offsets.append(-(-(offsets[-1] + 4 * seqs * width) // 8) * 8)  # deferred, 8-byte aligned
+        offsets.append(offsets[-1] + 16 * deferred)
+        return offsets
 
-        self.input_ids = pair(max_tokens, torch.int64)
-        self.positions = pair(max_tokens, torch.int64)
-        self.slot_mapping = pair(max_tokens, torch.int64)
-        self.query_start_loc = pair(max_seqs + 1, torch.int32)
-        self.seq_lens = pair(max_seqs, torch.int32)
-        self.block_tables = pair((max_seqs, max_blocks_per_seq), torch.int32)
-        self.deferred = pair((2, max_tokens), torch.int64)
-        self._copied: torch.cuda.Event | None = None  # the last load's copies out of the host staging are done
-
-    def _put(self, pair, values) -> torch.Tensor:
-        host, device = pair
-        n = len(values)
-        host.numpy()[:n] = values
-        if self.on_gpu:
-            device[:n].copy_(host[:n], non_blocking=True)
-        return device[:n]
+    @staticmethod
+    def _views(buffer: torch.Tensor, offsets: list[int], tokens: int, seqs: int, width: int, deferred: int):
+        def view(i: int, dtype: torch.dtype) -> torch.Tensor:
+            return buffer[offsets[i]:offsets[i + 1] if i + 1 < len(offsets) else None].view(dtype)
+        int64, int32 = torch.int64, torch.int32
+        return (view(0, int64), view(1, int64), view(2, int64)[:tokens], view(3, int32), view(4, int32)[:seqs],
+                view(5, int32)[:seqs * width].view(seqs, width), view(6, int64)[:2 * deferred].view(2, deferred))
 
     def load(self, step: StepInputs, full_width: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy the step in; returns (input_ids, positions, metadata) as views of the persistent buffers."""
-        if self._copied is not None:  # with a step in flight, its copies may still be reading the staging
+        if self._copied is not None:  # with a step in flight, its copy may still be reading the staging
             self._copied.synchronize()
-        rows = len(step.block_tables)
+        tokens, seqs, deferred = len(step.input_ids), len(step.block_tables), len(step.deferred_rows)
         width = self.max_blocks_per_seq if full_width else max(1, max(len(t) for t in step.block_tables))
-        host, device = self.block_tables
-        tables = host.numpy()
-        tables[:rows, :width] = 0
+        offsets = self._layout(tokens, seqs, width, deferred)
+        host = self._views(self.host, offsets, tokens, seqs, width, deferred)
+        for view, values in zip(host[:5], (step.input_ids, step.positions, step.slot_mapping, step.query_start_loc,
+                                           step.seq_lens)):
+            view.numpy()[:] = values
+        tables = host[5].numpy()
+        tables[:] = 0
         for i, table in enumerate(step.block_tables):
             tables[i, :len(table)] = table
+        if deferred:
+            host[6].numpy()[0], host[6].numpy()[1] = step.deferred_rows, step.deferred_sources
         if self.on_gpu:
-            device[:rows].copy_(host[:rows], non_blocking=True)
-        meta = AttentionMetadata(
-            query_start_loc=self._put(self.query_start_loc, step.query_start_loc),
-            seq_lens=self._put(self.seq_lens, step.seq_lens), block_tables=device[:rows, :width],
-            slot_mapping=self._put(self.slot_mapping, step.slot_mapping), num_decodes=step.num_decodes,
-            max_query_len=step.max_query_len, max_seq_len=max(step.seq_lens),
-            query_start_loc_cpu=step.query_start_loc, seq_lens_cpu=step.seq_lens)
-        input_ids, positions = self._put(self.input_ids, step.input_ids), self._put(self.positions, step.positions)
-        if step.deferred_rows:
-            n = len(step.deferred_rows)
-            host, device = self.deferred
-            host.numpy()[0, :n], host.numpy()[1, :n] = step.deferred_rows, step.deferred_sources
-            if self.on_gpu:
-                device[:, :n].copy_(host[:, :n], non_blocking=True)
-            input_ids.index_copy_(0, device[0, :n], step.deferred_ids.index_select(0, device[1, :n]))
-        if self.on_gpu:
+            self.device_buffer[:offsets[-1]].copy_(self.host[:offsets[-1]], non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
+        input_ids, positions, slots, query_start_loc, seq_lens, block_tables, deferred_index = \
+            self._views(self.device_buffer, offsets, tokens, seqs, width, deferred)
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, slot_mapping=slots,
+            num_decodes=step.num_decodes, max_query_len=step.max_query_len, max_seq_len=max(step.seq_lens),
+            query_start_loc_cpu=step.query_start_loc, seq_lens_cpu=step.seq_lens)
+        if deferred:
+            input_ids.index_copy_(0, deferred_index[0], step.deferred_ids.index_select(0, deferred_index[1]))
         return input_ids, positions, meta
 
 

@@ -239,17 +239,21 @@ class ModelRunner:
         num_seqs = len(step.seq_lens)
         padded = self._decode_batch_size(step)
         if padded is not None:
-            # Decode-only on the GPU: padded to a captured size, replayed as a graph (or, with enforce_eager, run
-            # as the same padded batch, so that graphs and eager compute exactly the same thing).
+            # Decode-only on the GPU: padded to a captured size, replayed as a graph that ends with the logits (or,
+            # with enforce_eager, run as the same padded batch, so that graphs and eager compute exactly the same
+            # thing).
             step.pad_decode_batch(padded)
             if self.graphs is not None:
-                hidden = self.graphs.run(step)[:num_seqs]
+                logits = self.graphs.run(step)
             else:
                 input_ids, positions, meta = self.buffers.load(step, full_width=True)
-                hidden = self.model(input_ids, positions, meta)[:num_seqs]
-        else:
-            input_ids, positions, meta = self.buffers.load(step)
-            hidden = self.model(input_ids, positions, meta)
+                logits = self.model.compute_logits(self.model(input_ids, positions, meta))
+            if not sample_requests:
+                return LaunchedForward([], None)
+            rows = slice(0, num_seqs) if len(sample_rows) == num_seqs else self._to_device(sample_rows, torch.int64)
+            return LaunchedForward(sample_requests, logits[rows])
+        input_ids, positions, meta = self.buffers.load(step)
+        hidden = self.model(input_ids, positions, meta)
         if not sample_requests:
             return LaunchedForward([], None)
         if len(sample_rows) < hidden.shape[0]:
@@ -322,31 +326,31 @@ class ModelRunner:
         return step, sample_requests, sample_rows
 
     def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
-        dev = self.device
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
-        meta = SamplingMetadata(
-            temperature=self._to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            greedy=self._to_device(greedy, torch.bool), all_greedy=all(greedy), any_greedy=any(greedy))
-        if not meta.all_greedy:
+        all_greedy = all(greedy)
+        meta = SamplingMetadata(temperature=None, greedy=None, all_greedy=all_greedy, any_greedy=any(greedy))
+        columns: dict[str, tuple[list, torch.dtype]] = {}  # per-row values, to the device in one copy
+        if not all_greedy:
+            columns["temperature"] = ([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32)
+            columns["greedy"] = (greedy, torch.bool)
             if any(p.top_k > 0 for p in params):
                 # top_k beyond the vocabulary keeps every token, as -1 does
-                meta.top_k = self._to_device([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
-                                              for p in params], torch.int64)
+                columns["top_k"] = ([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
+                                     for p in params], torch.int64)
             if any(p.top_p < 1.0 for p in params):
-                meta.top_p = self._to_device([p.top_p for p in params], torch.float32)
+                columns["top_p"] = ([p.top_p for p in params], torch.float32)
             if any(p.min_p > 0.0 for p in params):
-                meta.min_p = self._to_device([p.min_p for p in params], torch.float32)
+                columns["min_p"] = ([p.min_p for p in params], torch.float32)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            meta.repetition_penalty = self._to_device([p.repetition_penalty for p in params], torch.float32)
-            meta.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
-            meta.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
+            for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+                columns[name] = ([getattr(p, name) for p in params], torch.float32)
             prompt_ids, output_ids = self.token_history.padded(requests)
             meta.prompt_token_ids = self._to_device(prompt_ids)
             meta.output_token_ids = self._to_device(output_ids)
         # On CUDA the draw is one fused kernel keyed by a seed per row: a seeded request's seed mixed with its
         # output position (so its tokens do not depend on the batch), the others this step's seed plus the row.
-        seeds = [] if self.device.type == "cuda" and not meta.all_greedy else None
+        seeds = [] if self.device.type == "cuda" and not all_greedy else None
         step_seed = self._step_seeds.getrandbits(62) if seeds is not None else 0
         for row, (request, p) in enumerate(zip(requests, params)):
             if seeds is not None:
@@ -361,11 +365,28 @@ class ModelRunner:
             if p.seed is not None and not p.greedy and seeds is None:
                 generator = self.generators.get(request.request_id)
                 if generator is None:
-                    generator = torch.Generator(device=dev).manual_seed(p.seed)
+                    generator = torch.Generator(device=self.device).manual_seed(p.seed)
                     self.generators[request.request_id] = generator
                 meta.generators[row] = generator
             if p.logprobs is not None:
                 meta.max_num_logprobs = max(meta.max_num_logprobs or 0, p.logprobs)
         if seeds is not None:
-            meta.seeds = self._to_device(seeds, torch.int64)
+            columns["seeds"] = (seeds, torch.int64)
+        for name, tensor in zip(columns, self._columns_to_device(list(columns.values()))):
+            setattr(meta, name, tensor)
         return meta
+
+    def _columns_to_device(self, columns: list[tuple[list, torch.dtype]]) -> list[torch.Tensor]:
+        """Lists of per-row values as device tensors of the given dtypes, in one copy through pinned memory."""
+        if self.device.type != "cuda" or not columns:
+            return [torch.tensor(values, dtype=dtype) for values, dtype in columns]
+        spans, end = [], 0
+        for values, dtype in columns:
+            size = len(values) * torch.empty((), dtype=dtype).element_size()
+            spans.append((end, end + size))
+            end += -(-size // 8) * 8  # each column 8-byte aligned
+        host = torch.empty(end, dtype=torch.uint8, pin_memory=True)
+        for (start, stop), (values, dtype) in zip(spans, columns):
+            host[start:stop].view(dtype).numpy()[:] = values
+        device = host.to(self.device, non_blocking=True)
+        return [device[start:stop].view(dtype) for (start, stop), (_, dtype) in zip(spans, columns)]

@@ -1,0 +1,59 @@
+"""The step's persistent input buffers (worker/input_batch.py): every input of a step packed into one buffer (one
+copy to the device), read back through the views the model gets, and a CUDA graph's views at fixed addresses."""
+from __future__ import annotations
+
+import torch
+
+from pagedllm.worker.input_batch import InputBuffers, StepInputs
+
+
+def _step(deferred: bool) -> StepInputs:
+    step = StepInputs(input_ids=[11, 0, 13, 14, 15], positions=[40, 7, 0, 1, 2], slot_mapping=[104, 23, 48, 49, 50],
+                      query_start_loc=[0, 1, 2, 5], seq_lens=[41, 8, 3],
+                      block_tables=[[2, 5, 6], [1], [3]], num_decodes=2, max_query_len=3)
+    if deferred:  # row 1's token was sampled by the step in flight: its id is entry 4 of those
+        step.deferred_rows, step.deferred_sources = [1], [4]
+        step.deferred_ids = torch.tensor([90, 91, 92, 93, 94])
+    return step
+
+
+def test_views_hold_the_step():
+    buffers = InputBuffers(max_tokens=16, max_seqs=4, max_blocks_per_seq=6, device=torch.device("cpu"))
+    input_ids, positions, meta = buffers.load(_step(deferred=True))
+    assert input_ids.tolist() == [11, 94, 13, 14, 15]
+    assert positions.tolist() == [40, 7, 0, 1, 2]
+    assert meta.slot_mapping.tolist() == [104, 23, 48, 49, 50]
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 5] and meta.query_start_loc.dtype == torch.int32
+    assert meta.seq_lens.tolist() == [41, 8, 3] and meta.seq_lens.dtype == torch.int32
+    assert meta.block_tables.tolist() == [[2, 5, 6], [1, 0, 0], [3, 0, 0]]  # as wide as the longest table
+    assert input_ids.dtype == positions.dtype == meta.slot_mapping.dtype == torch.int64
+    assert (meta.num_decodes, meta.max_query_len, meta.max_seq_len) == (2, 3, 41)
+
+    # a smaller step after it: nothing of the first one shows through
+    step = StepInputs([7], [3], [9], [0, 1], [4], [[8]], 1, 1)
+    input_ids, positions, meta = buffers.load(step, full_width=True)
+    assert input_ids.tolist() == [7] and meta.block_tables.tolist() == [[8, 0, 0, 0, 0, 0]]
+    assert meta.seq_lens.tolist() == [4] and meta.query_start_loc.tolist() == [0, 1]
+
+
+def test_a_graphs_views_do_not_move():
+    """A graph of batch B reads the views of its first load: every later step of B puts its inputs there, with or
+    without deferred tokens."""
+    buffers = InputBuffers(max_tokens=16, max_seqs=4, max_blocks_per_seq=6, device=torch.device("cpu"))
+
+    def padded(deferred: bool) -> StepInputs:
+        step = _step(deferred)
+        step.input_ids, step.positions, step.slot_mapping = [11, 0, 13], [40, 7, 2], [104, 23, 50]
+        step.num_decodes = step.max_query_len = 1
+        step.pad_decode_batch(4)
+        return step
+
+    def addresses(views) -> list[int]:
+        input_ids, positions, meta = views
+        return [t.data_ptr() for t in (input_ids, positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens,
+                                       meta.block_tables)]
+
+    first = addresses(buffers.load(padded(False), full_width=True))
+    views = buffers.load(padded(True), full_width=True)
+    assert addresses(views) == first
+    assert views[0].tolist() == [11, 94, 13, 0] and views[2].seq_lens.tolist() == [41, 8, 3, 0]
