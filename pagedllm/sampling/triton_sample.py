@@ -24,7 +24,8 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
                           count_ptr, out_ptr, vocab, span, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
                           ALL_GREEDY: tl.constexpr):
     """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span);
-    the row's token from the splits' results (SPLITS: their number rounded up to a power of two)."""
+    the row's token from the splits' results. SPLITS bounds their number: a power of two fixed by the vocabulary and
+    BLOCK, not the batch, so that one compiled variant serves every batch size (no compiling mid-run)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -152,5 +153,6 @@ def _launch(caller: str, logits: torch.Tensor, row_params: tuple, block: int, nu
     if batch > 0:
         _gumbel_argmax_kernel[(batch, num_splits)](
             logits, *row_params, part_score, part_col, counters, out, vocab, span, logits.stride(0), BLOCK=block,
-            SPLITS=triton.next_power_of_2(num_splits), ALL_GREEDY=all_greedy, num_warps=max(1, min(8, block // 256)))
+            SPLITS=triton.next_power_of_2(triton.cdiv(vocab, block)), ALL_GREEDY=all_greedy,
+            num_warps=max(1, min(8, block // 256)))
     return out

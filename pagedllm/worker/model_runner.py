@@ -167,6 +167,8 @@ class ModelRunner:
         rows = min(self.config.args.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         self.sampler(logits, self._profile_sampling_metadata(rows))
+        # an all-greedy batch takes its own kernel variant: compiled now, not at the first greedy request
+        self.sampler(logits[:1], SamplingMetadata(temperature=None, greedy=None, all_greedy=True))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
         allocated = torch.cuda.memory_allocated(self.device)

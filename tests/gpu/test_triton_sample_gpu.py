@@ -45,6 +45,42 @@ def test_greedy_equals_argmax(batch, vocab, dtype):
     seeds = _seeds(batch, batch)
     assert torch.equal(gumbel_sample(x, ones, torch.ones_like(ones, dtype=torch.bool), seeds), ref)
     assert torch.equal(gumbel_sample(x, zeros, torch.zeros_like(ones, dtype=torch.bool), seeds), ref)
+    from pagedllm.sampling.triton_sample import argmax_rows
+    for num_splits in (None, 1, 7):  # the default split, none, and one that leaves the last split short
+        assert torch.equal(argmax_rows(x, num_splits=num_splits), ref), num_splits
+
+
+def test_split_reduction_under_load():
+    """The last program of a row to finish reduces its splits (a counter a row): over many calls of many splits,
+    with the maximum in a random split each time, every token is torch.argmax's."""
+    from pagedllm.sampling.triton_sample import argmax_rows, gumbel_sample
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for batch in (1, 5, 64):
+        x = torch.randn(batch, 151936, device="cuda", generator=gen, dtype=torch.bfloat16)
+        ones, flags = torch.ones(batch, device="cuda"), torch.ones(batch, dtype=torch.bool, device="cuda")
+        for i in range(40):
+            x[:, (i * 7919) % x.shape[1]] = 100.0 + i
+            ref = x.argmax(dim=-1)
+            assert torch.equal(argmax_rows(x), ref), (batch, i)
+            assert torch.equal(gumbel_sample(x, ones, flags, _seeds(i, batch)), ref), (batch, i)
+
+
+def test_sampling_kernel_compiles_once_for_any_batch():
+    """The batch changes every step, and with it the splits a row: one compiled variant a mode (sampling, all
+    greedy) must serve every batch (a new one mid-run costs a compilation inside a step)."""
+    from pagedllm.sampling.triton_sample import _gumbel_argmax_kernel, argmax_rows, gumbel_sample
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for caches in _gumbel_argmax_kernel.device_caches.values())
+
+    before, counts = compiled(), []
+    for batch in (1, 3, 17, 64, 100, 256):
+        x = _randn(batch, 151936, seed=batch).to(torch.bfloat16)
+        ones = torch.ones(batch, device="cuda")
+        gumbel_sample(x, ones, torch.zeros(batch, dtype=torch.bool, device="cuda"), _seeds(batch, batch))
+        argmax_rows(x)
+        counts.append(compiled() - before)
+    assert max(counts) <= 2, f"new compiled variants of the sampling kernel after each batch: {counts}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
