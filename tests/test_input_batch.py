@@ -57,3 +57,22 @@ def test_a_graphs_views_do_not_move():
     views = buffers.load(padded(True), full_width=True)
     assert addresses(views) == first
     assert views[0].tolist() == [11, 94, 13, 0] and views[2].seq_lens.tolist() == [41, 8, 3, 0]
+
+
+def test_every_view_starts_16_byte_aligned():
+    """Triton specialises kernels on their pointers' 16-byte alignment: views whose alignment moved with a step's
+    sizes would compile new variants mid-run."""
+    buffers = InputBuffers(max_tokens=64, max_seqs=8, max_blocks_per_seq=5, device=torch.device("cpu"))
+    for tokens, seqs in ((1, 1), (3, 2), (7, 3), (33, 5)):
+        per_seq = [tokens // seqs] * seqs
+        per_seq[-1] += tokens - sum(per_seq)
+        starts = [0]
+        for n in per_seq:
+            starts.append(starts[-1] + n)
+        step = StepInputs(list(range(tokens)), list(range(tokens)), list(range(tokens)), starts, per_seq,
+                          [[1] * (1 + i % 3) for i in range(seqs)], 0, max(per_seq))
+        step.deferred_rows, step.deferred_sources = [0], [0]
+        step.deferred_ids = torch.tensor([5])
+        input_ids, positions, meta = buffers.load(step)
+        views = (input_ids, positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        assert [t.data_ptr() % 16 for t in views] == [0] * len(views), (tokens, seqs)

@@ -39,6 +39,9 @@ class StepInputs:
         self.num_decodes = size
 
 
+ALIGN = 16  # bytes
+
+
 class InputBuffers:
     """All of a step's integer inputs in one pinned host buffer and one device buffer, so that a step's inputs go
     to the device in one copy (each copy costs the device 2-3 us at a small batch; a step used to make seven).
@@ -59,21 +62,22 @@ class InputBuffers:
 
     @staticmethod
     def _layout(tokens: int, seqs: int, width: int, deferred: int) -> list[int]:
-        """Byte offsets of ids, positions, slots, query_start_loc, seq_lens, block tables, deferred; and the end."""
-        offsets = [0, 8 * tokens, 16 * tokens, 24 * tokens]
-        offsets.append(offsets[-1] + 4 * (seqs + 1))  # seq_lens
-        offsets.append(offsets[-1] + 4 * seqs)  # block tables
-        offsets.append(-(-(offsets[-1] + 4 * seqs * width) // 8) * 8)  # deferred, 8-byte aligned
-        offsets.append(offsets[-1] + 16 * deferred)
+        """Byte offsets of ids, positions, slots, query_start_loc, seq_lens, block tables, deferred; and the end.
+        Each starts at a multiple of ALIGN bytes: Triton specialises a kernel on its pointers' 16-byte alignment,
+        so an offset that moved with the step's sizes would compile new variants in the middle of a run."""
+        offsets = [0]
+        for size in (8 * tokens, 8 * tokens, 8 * tokens, 4 * (seqs + 1), 4 * seqs, 4 * seqs * width, 16 * deferred):
+            offsets.append(offsets[-1] + -(-size // ALIGN) * ALIGN)
         return offsets
 
     @staticmethod
     def _views(buffer: torch.Tensor, offsets: list[int], tokens: int, seqs: int, width: int, deferred: int):
         def view(i: int, dtype: torch.dtype) -> torch.Tensor:
-            return buffer[offsets[i]:offsets[i + 1] if i + 1 < len(offsets) else None].view(dtype)
+            return buffer[offsets[i]:offsets[i + 1]].view(dtype)
         int64, int32 = torch.int64, torch.int32
-        return (view(0, int64), view(1, int64), view(2, int64)[:tokens], view(3, int32), view(4, int32)[:seqs],
-                view(5, int32)[:seqs * width].view(seqs, width), view(6, int64)[:2 * deferred].view(2, deferred))
+        return (view(0, int64)[:tokens], view(1, int64)[:tokens], view(2, int64)[:tokens], view(3, int32)[:seqs + 1],
+                view(4, int32)[:seqs], view(5, int32)[:seqs * width].view(seqs, width),
+                view(6, int64)[:2 * deferred].view(2, deferred))
 
     def load(self, step: StepInputs, full_width: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy the step in; returns (input_ids, positions, metadata) as views of the persistent buffers."""

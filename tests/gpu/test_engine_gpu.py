@@ -95,3 +95,28 @@ def test_memory_planning_fills_the_budget():
     out = llm.generate([{"prompt_token_ids": [5] * 1000}] * 8, SamplingParams(max_tokens=16, ignore_eos=True),
                        use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in out)
+
+
+def test_no_kernel_compiles_after_start_up(models):
+    """Every Triton kernel variant a run needs compiles at start-up (profiling run, graph capture): steps of other
+    sizes, mixes of prefill and decode, greedy and sampled batches must not compile one mid-run (each costs about a
+    second inside a step)."""
+    import gc
+
+    import triton
+
+    def compiled() -> int:
+        kernels = [obj for obj in gc.get_objects() if isinstance(obj, triton.runtime.JITFunction)
+                   and obj.fn.__module__.startswith("pagedllm.")]
+        return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
+
+    llm = LLM(str(models["qwen3"]), dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
+              max_num_seqs=32)
+    after_start = compiled()
+    prompts = random_prompts(40, 512, 3, 200, seed=3)
+    for round, temperature in enumerate((0.0, 0.8, 0.0)):
+        params = [SamplingParams(max_tokens=8 + 5 * i % 23, temperature=temperature if i % 3 else 0.0,
+                                 ignore_eos=True) for i in range(len(prompts))]
+        llm.generate([{"prompt_token_ids": p[:7 + 13 * (i + round) % 190]} for i, p in enumerate(prompts)], params,
+                     use_tqdm=False)
+    assert compiled() == after_start, f"{compiled() - after_start} kernel variants compiled after start-up"
