@@ -25,14 +25,15 @@ def test_views_hold_the_step():
     assert meta.slot_mapping.tolist() == [104, 23, 48, 49, 50]
     assert meta.query_start_loc.tolist() == [0, 1, 2, 5] and meta.query_start_loc.dtype == torch.int32
     assert meta.seq_lens.tolist() == [41, 8, 3] and meta.seq_lens.dtype == torch.int32
-    assert meta.block_tables.tolist() == [[2, 5, 6], [1, 0, 0], [3, 0, 0]]  # as wide as the longest table
+    # as wide as the longest table, rounded up to 16 columns (the row stride's specialisation never changes)
+    assert meta.block_tables.tolist() == [t + [0] * (16 - len(t)) for t in ([2, 5, 6], [1], [3])]
     assert input_ids.dtype == positions.dtype == meta.slot_mapping.dtype == torch.int64
     assert (meta.num_decodes, meta.max_query_len, meta.max_seq_len) == (2, 3, 41)
 
     # a smaller step after it: nothing of the first one shows through
     step = StepInputs([7], [3], [9], [0, 1], [4], [[8]], 1, 1)
     input_ids, positions, meta = buffers.load(step, full_width=True)
-    assert input_ids.tolist() == [7] and meta.block_tables.tolist() == [[8, 0, 0, 0, 0, 0]]
+    assert input_ids.tolist() == [7] and meta.block_tables.tolist() == [[8] + [0] * 15]
     assert meta.seq_lens.tolist() == [4] and meta.query_start_loc.tolist() == [0, 1]
 
 
@@ -60,8 +61,8 @@ def test_a_graphs_views_do_not_move():
 
 
 def test_every_view_starts_16_byte_aligned():
-    """Triton specialises kernels on their pointers' 16-byte alignment: views whose alignment moved with a step's
-    sizes would compile new variants mid-run."""
+    """Triton specialises kernels on their pointers' 16-byte alignment and integers' divisibility by 16: views or
+    strides that moved with a step's sizes would compile new variants mid-run."""
     buffers = InputBuffers(max_tokens=64, max_seqs=8, max_blocks_per_seq=5, device=torch.device("cpu"))
     for tokens, seqs in ((1, 1), (3, 2), (7, 3), (33, 5)):
         per_seq = [tokens // seqs] * seqs
@@ -76,3 +77,5 @@ def test_every_view_starts_16_byte_aligned():
         input_ids, positions, meta = buffers.load(step)
         views = (input_ids, positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables)
         assert [t.data_ptr() % 16 for t in views] == [0] * len(views), (tokens, seqs)
+        # Triton specialises integers on divisibility by 16 (and == 1): the tables' row stride is always a multiple
+        assert meta.block_tables.stride(0) % 16 == 0, (tokens, seqs)

@@ -53,7 +53,7 @@ class InputBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.device = device
-        self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_blocks_per_seq = _round_up(max_blocks_per_seq, 16)
         self.on_gpu = device.type == "cuda"
         size = self._layout(max_tokens, max_seqs, max_blocks_per_seq, max_seqs)[-1]
         self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=self.on_gpu)
@@ -67,7 +67,7 @@ class InputBuffers:
         so an offset that moved with the step's sizes would compile new variants in the middle of a run."""
         offsets = [0]
         for size in (8 * tokens, 8 * tokens, 8 * tokens, 4 * (seqs + 1), 4 * seqs, 4 * seqs * width, 16 * deferred):
-            offsets.append(offsets[-1] + -(-size // ALIGN) * ALIGN)
+            offsets.append(offsets[-1] + _round_up(size, ALIGN))
         return offsets
 
     @staticmethod
@@ -84,7 +84,9 @@ class InputBuffers:
         if self._copied is not None:  # with a step in flight, its copy may still be reading the staging
             self._copied.synchronize()
         tokens, seqs, deferred = len(step.input_ids), len(step.block_tables), len(step.deferred_rows)
-        width = self.max_blocks_per_seq if full_width else max(1, max(len(t) for t in step.block_tables))
+        # the tables' row stride, an argument of the attention kernels, always a multiple of 16: Triton specialises
+        # integer arguments on that (and on == 1), so a width that moved with the step would compile new variants
+        width = self.max_blocks_per_seq if full_width else _round_up(max(1, *map(len, step.block_tables)), 16)
         offsets = self._layout(tokens, seqs, width, deferred)
         host = self._views(self.host, offsets, tokens, seqs, width, deferred)
         for view, values in zip(host[:5], (step.input_ids, step.positions, step.slot_mapping, step.query_start_loc,
@@ -109,6 +111,10 @@ class InputBuffers:
         if deferred:
             input_ids.index_copy_(0, deferred_index[0], step.deferred_ids.index_select(0, deferred_index[1]))
         return input_ids, positions, meta
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def slots_of(table: list[int], start: int, end: int, block_size: int) -> list[int]:
