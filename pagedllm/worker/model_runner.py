@@ -167,7 +167,10 @@ class ModelRunner:
         rows = min(self.config.args.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         self.sampler(logits, self._profile_sampling_metadata(rows))
-        # an all-greedy batch takes its own kernel variant: compiled now, not at the first greedy request
+        # the fused sampler's two kernel variants (seeded draws, all-greedy batches) on the model's logits: compiled
+        # now, not in the first request's step (about a second each on a cold cache)
+        ones, zeros = torch.ones(rows, device=self.device), torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.sampler(logits, SamplingMetadata(temperature=ones, greedy=zeros.bool(), all_greedy=False, seeds=zeros))
         self.sampler(logits[:1], SamplingMetadata(temperature=None, greedy=None, all_greedy=True))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
