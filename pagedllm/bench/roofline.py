@@ -71,6 +71,13 @@ def model_sizes(cfg: ModelConfig, dtype_bytes: int) -> tuple[float, float, float
     return params * dtype_bytes, flops_per_token, 2 * L * kv * dtype_bytes
 
 
+def decode_read_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
+    """The weight bytes a decode step reads: all weights but an untied input embedding table, of which a step reads
+    only its tokens' rows. The roofline counts all weights (../shared/design.md); this is the stricter figure."""
+    untied_embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * dtype_bytes
+    return model_sizes(cfg, dtype_bytes)[0] - untied_embedding
+
+
 def workload_bound_seconds(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int], ceilings: Ceilings,
                            dtype_bytes: int = 2, max_num_seqs: int = 256) -> float:
     """Lower bound on the workload's time with every request admitted as early as max_num_seqs allows."""

@@ -1,0 +1,16 @@
+"""The benchmarks' bound (bench/roofline.py): weight bytes of the shipped configs, and the stricter bytes a decode step
+reads, which leave out an untied input embedding table (Qwen3-8B) and equal all weights where it is tied (0.6B)."""
+from pagedllm.bench.roofline import decode_read_bytes, model_sizes
+from pagedllm.config import ModelConfig
+from tests.conftest import REPO
+
+
+def test_weight_bytes_and_bytes_a_decode_step_reads():
+    big = ModelConfig.from_path(str(REPO / "benchmarks" / "configs" / "qwen3-8b"))
+    small = ModelConfig.from_path(str(REPO / "benchmarks" / "configs" / "qwen3-0.6b"))
+    weights, _, kv_per_token = model_sizes(big, 2)
+    assert round(weights / 1e9, 2) == 16.38  # Qwen3-8B's 8.19 B parameters in bf16
+    assert kv_per_token == 2 * 36 * 8 * 128 * 2
+    embedding = 151936 * 4096 * 2
+    assert decode_read_bytes(big, 2) == weights - embedding  # untied: the step reads one row of the input table
+    assert decode_read_bytes(small, 2) == model_sizes(small, 2)[0]  # tied: the table is the lm_head, read whole
