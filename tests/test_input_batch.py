@@ -79,3 +79,18 @@ def test_every_view_starts_16_byte_aligned():
         assert [t.data_ptr() % 16 for t in views] == [0] * len(views), (tokens, seqs)
         # Triton specialises integers on divisibility by 16 (and == 1): the tables' row stride is always a multiple
         assert meta.block_tables.stride(0) % 16 == 0, (tokens, seqs)
+
+
+def test_the_largest_steps_fit():
+    """Steps at every limit at once (tokens, sequences, blocks a sequence, deferred rows), full width or not, fit in
+    the buffer that the limits size, with the tables' width rounded up to 16."""
+    buffers = InputBuffers(max_tokens=8, max_seqs=3, max_blocks_per_seq=5, device=torch.device("cpu"))
+    for full_width in (False, True):
+        step = StepInputs(list(range(8)), list(range(8)), list(range(8)), [0, 1, 2, 8], [20, 30, 80],
+                          [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12]], 2, 6)
+        step.deferred_rows, step.deferred_sources = [0, 1, 2], [2, 1, 0]
+        step.deferred_ids = torch.tensor([70, 71, 72])
+        input_ids, _, meta = buffers.load(step, full_width=full_width)
+        assert input_ids.tolist() == [72, 71, 70, 3, 4, 5, 6, 7]
+        assert meta.block_tables.shape == (3, 16)
+        assert meta.block_tables[:, :5].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0], [8, 9, 10, 11, 12]]

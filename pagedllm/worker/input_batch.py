@@ -55,7 +55,7 @@ class InputBuffers:
         self.device = device
         self.max_blocks_per_seq = _round_up(max_blocks_per_seq, 16)
         self.on_gpu = device.type == "cuda"
-        size = self._layout(max_tokens, max_seqs, max_blocks_per_seq, max_seqs)[-1]
+        size = self._layout(max_tokens, max_seqs, self.max_blocks_per_seq, max_seqs)[-1]
         self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=self.on_gpu)
         self.device_buffer = torch.zeros(size, dtype=torch.uint8, device=device) if self.on_gpu else self.host
         self._copied: torch.cuda.Event | None = None  # the last load's copy out of the host staging is done
