@@ -53,7 +53,7 @@ class InputBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.device = device
-        self.max_blocks_per_seq = _round_up(max_blocks_per_seq, 16)
+        self.max_blocks_per_seq = round_up(max_blocks_per_seq, 16)
         self.on_gpu = device.type == "cuda"
         size = self._layout(max_tokens, max_seqs, self.max_blocks_per_seq, max_seqs)[-1]
         self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=self.on_gpu)
@@ -67,7 +67,7 @@ class InputBuffers:
         so an offset that moved with the step's sizes would compile new variants in the middle of a run."""
         offsets = [0]
         for size in (8 * tokens, 8 * tokens, 8 * tokens, 4 * (seqs + 1), 4 * seqs, 4 * seqs * width, 16 * deferred):
-            offsets.append(offsets[-1] + _round_up(size, ALIGN))
+            offsets.append(offsets[-1] + round_up(size, ALIGN))
         return offsets
 
     @staticmethod
@@ -86,7 +86,7 @@ class InputBuffers:
         tokens, seqs, deferred = len(step.input_ids), len(step.block_tables), len(step.deferred_rows)
         # the tables' row stride, an argument of the attention kernels, always a multiple of 16: Triton specialises
         # integer arguments on that (and on == 1), so a width that moved with the step would compile new variants
-        width = self.max_blocks_per_seq if full_width else _round_up(max(1, *map(len, step.block_tables)), 16)
+        width = self.max_blocks_per_seq if full_width else round_up(max([1, *map(len, step.block_tables)]), 16)
         offsets = self._layout(tokens, seqs, width, deferred)
         host = self._views(self.host, offsets, tokens, seqs, width, deferred)
         for view, values in zip(host[:5], (step.input_ids, step.positions, step.slot_mapping, step.query_start_loc,
@@ -113,7 +113,7 @@ class InputBuffers:
         return input_ids, positions, meta
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 

@@ -18,7 +18,7 @@ from pagedllm.model.registry import get_model_class
 from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.sampling.seeds import mix_seed
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
-from pagedllm.worker.input_batch import ALIGN, InputBuffers, StepInputs, slots_of
+from pagedllm.worker.input_batch import ALIGN, InputBuffers, StepInputs, round_up, slots_of
 from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
 from pagedllm.worker.token_history import TokenHistory
 
@@ -389,7 +389,7 @@ class ModelRunner:
         for values, dtype in columns:
             size = len(values) * torch.empty((), dtype=dtype).element_size()
             spans.append((end, end + size))
-            end += -(-size // ALIGN) * ALIGN  # aligned as the kernels' variants expect (input_batch.ALIGN)
+            end += round_up(size, ALIGN)  # aligned as the kernels' variants expect (input_batch.ALIGN)
         host = torch.empty(end, dtype=torch.uint8, pin_memory=True)
         for (start, stop), (values, dtype) in zip(spans, columns):
             host[start:stop].view(dtype).numpy()[:] = values
