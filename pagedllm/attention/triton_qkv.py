@@ -37,7 +37,9 @@ def _norm_rope(src, num_heads, w_ptr, cos, sin, eps,
     return o1, o2, heads, dims, mask
 
 
-@triton.jit
+# positions and slots come at an offset of one int64 when a mixed step's single decode goes to the decode kernel and
+# the rest here: their alignment must not pick a kernel variant (one compiled mid-run otherwise; its loads are scalar)
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])
 def _qkv_prepare_kernel(qkv_ptr, positions_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, q_out_ptr,
                         k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                         stride_t, stride_qo, stride_rope, stride_cb, stride_cs, stride_ch, eps,
