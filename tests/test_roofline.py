@@ -14,3 +14,17 @@ def test_weight_bytes_and_bytes_a_decode_step_reads():
     embedding = 151936 * 4096 * 2
     assert decode_read_bytes(big, 2) == weights - embedding  # untied: the step reads one row of the input table
     assert decode_read_bytes(small, 2) == model_sizes(small, 2)[0]  # tied: the table is the lm_head, read whole
+
+
+def test_the_workload_bound_on_bytes_read():
+    """The stricter bound (bytes a step reads) is tighter only where the input embedding is untied."""
+    from pagedllm.bench.roofline import Ceilings, workload_bound_seconds
+    from pagedllm.bench.throughput import make_workload
+    workload = make_workload()
+    prompts, outputs = [len(p) for p in workload.prompts][:64], workload.max_tokens[:64]
+    ceilings = Ceilings(bandwidth=4.2e12, matmul_flops=7.9e14)
+    for name, tied in (("qwen3-8b", False), ("qwen3-0.6b", True)):
+        cfg = ModelConfig.from_path(str(REPO / "benchmarks" / "configs" / name))
+        default = workload_bound_seconds(cfg, prompts, outputs, ceilings)
+        strict = workload_bound_seconds(cfg, prompts, outputs, ceilings, weight_bytes=decode_read_bytes(cfg, 2))
+        assert (strict == default) if tied else (0.85 * default < strict < default), (name, strict, default)

@@ -79,9 +79,11 @@ def decode_read_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
 
 
 def workload_bound_seconds(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int], ceilings: Ceilings,
-                           dtype_bytes: int = 2, max_num_seqs: int = 256) -> float:
-    """Lower bound on the workload's time with every request admitted as early as max_num_seqs allows."""
-    weight_bytes, flops_per_token, kv_per_token = model_sizes(cfg, dtype_bytes)
+                           dtype_bytes: int = 2, max_num_seqs: int = 256, weight_bytes: float | None = None) -> float:
+    """Lower bound on the workload's time with every request admitted as early as max_num_seqs allows. A decode
+    step moves weight_bytes (default: all weights, as design.md defines it; decode_read_bytes() is stricter)."""
+    all_weight_bytes, flops_per_token, kv_per_token = model_sizes(cfg, dtype_bytes)
+    weight_bytes = all_weight_bytes if weight_bytes is None else weight_bytes
     attn_flops_per_ctx = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # q.k and p.v per context token
     total = 0.0
     for start in range(0, len(prompt_lens), max_num_seqs):

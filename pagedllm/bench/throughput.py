@@ -76,7 +76,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
     import torch
 
     from pagedllm import LLM, SamplingParams
-    from pagedllm.bench.roofline import Ceilings, measure_ceilings, workload_bound_seconds
+    from pagedllm.bench.roofline import Ceilings, decode_read_bytes, measure_ceilings, workload_bound_seconds
     from pagedllm.bench.step_trace import StepTrace
 
     kwargs = engine_kwargs(args)
@@ -111,14 +111,19 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
     measured = measure_ceilings(device)
     ceilings = Ceilings(args.bandwidth or measured.bandwidth, args.matmul_flops or measured.matmul_flops)
     dtype_bytes = torch.empty((), dtype=engine.config.dtype).element_size()
-    bound_s = workload_bound_seconds(engine.config.model, [len(p) for p in workload.prompts], workload.max_tokens,
-                                     ceilings, dtype_bytes, args.max_num_seqs)
+    prompt_lens = [len(p) for p in workload.prompts]
+    bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings, dtype_bytes,
+                                     args.max_num_seqs)
+    read_bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings,
+                                          dtype_bytes, args.max_num_seqs,
+                                          weight_bytes=decode_read_bytes(engine.config.model, dtype_bytes))
     result = dict(
         model=args.model, device=_device_name(device), dtype=str(engine.config.dtype), requests=args.num_requests,
         output_tokens=generated, reference_workload=generated == REFERENCE_TOTAL_OUTPUT_TOKENS,
         seconds=elapsed, output_tok_s=generated / elapsed, ready_s=ready_s,
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
+        read_bound_tok_s=generated / read_bound_s, read_efficiency=read_bound_s / elapsed,
         preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
     if trace is not None:
         result["phases"] = trace.phases(engine.config.model, ceilings, dtype_bytes)
@@ -222,6 +227,9 @@ def format_result(r: dict) -> str:
              f"throughput {r['output_tok_s']:.0f} output tok/s; bound {r['bound_tok_s']:.0f} tok/s "
              f"(copy {r['bandwidth_gb_s']:.0f} GB/s, matmul {r['matmul_tflops']:.1f} TFLOP/s); "
              f"efficiency {100 * r['efficiency']:.1f}%; preemptions {r['preemptions']}",
+             *([f"  on the bytes a decode step reads (all weights but the untied input embedding table): bound "
+                f"{r['read_bound_tok_s']:.0f} tok/s; efficiency {100 * r['read_efficiency']:.1f}%"]
+               if r.get("read_bound_tok_s", r["bound_tok_s"]) > r["bound_tok_s"] else []),
              f"KV waste: {100 * r['kv_fragmentation']:.1f}% of allocated slots empty (mean over steps); contiguous "
              f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
     if r.get("phases"):
