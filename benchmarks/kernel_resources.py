@@ -43,7 +43,7 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
 
 def main() -> int:
     from bench_gemm import SHAPES  # benchmarks/ is on sys.path when this file runs as a script
-    from pagedllm.attention.triton_decode import SMALL_TILE_SPLITS, _decode_kernel, _merge_splits_kernel
+    from pagedllm.attention.triton_decode import SMALL_TILE_SPLITS, TINY_TILE_SPLITS, _decode_kernel, _merge_splits_kernel
     from pagedllm.layers.triton_gemv import MAX_ROWS, _gemv_kernel, gemv_config
     fused = {"qkv": (True, False), "gate_up": (True, True)}  # (norm + residual, SiLU-and-mul) as Linear.normed
     for name, (k, n) in SHAPES["8b"].items():
@@ -55,7 +55,7 @@ def main() -> int:
             parts = f"{' + norm' if norm else ''}{' + silu' if silu else ''}"
             label = f"gemv {name}{parts} {(block_n, block_k, warps, stages)}"
             print(f"{label:<48} {resources(_gemv_kernel, flags, warps, stages)}")
-    for splits, block_n in ((1, 128), (8, 128), (SMALL_TILE_SPLITS, 64), (32, 64)):
+    for splits, block_n in ((1, 128), (8, 128), (SMALL_TILE_SPLITS, 64), (32, 64), (TINY_TILE_SPLITS, 32)):
         for from_qkv in (False, True):
             flags = dict(BLOCK_G=16, D_PAD=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=splits,
                          SPLIT_ALIGN=16 if splits >= SMALL_TILE_SPLITS else block_n, PRECISION="tf32",
