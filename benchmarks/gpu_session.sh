@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]     stages: tests engine-tests small large latency trace serve
 #   structured structured-8b attention profile (host/GPU split of a decode step) profile-workload kernels
 #   (its kernels, eager) kernels-latency attention-ragged profile-structured overlap gemm gemm-fused pdl kernels-8b
-#   kernels-prefill decode-layout layer layer-sweep decode-block lean-gemv decode-tiles
+#   kernels-prefill decode-layout layer layer-sweep decode-block lean-gemv decode-tiles compiles
 # Needs .shared and .whl, made by benchmarks/gpu_prepare.sh on the development machine,
 # carried. Each stage has its own time limit so that one slow stage cannot take the others' results with it.
 set -uo pipefail
@@ -103,7 +103,11 @@ stage() {
     for m in 8b 0.6b; do timeout 150 python3 benchmarks/bench_pdl.py --model $m 2>&1 | tail -5; done ;;
   decode-block)  # the attention block of a 1-4 sequence decode step: the q/k work apart or in the decode kernel
     for shape in "32 8" "16 8"; do set -- $shape; timeout 150 python3 benchmarks/bench_decode_block.py --heads $1 --kv-heads $2 2>&1 | tail -16; done ;;
-  decode-tiles)  # not yet run: smaller key tiles at 16-32 splits with page-sized chunks (95b732e uses 64), batch 1-2
+  compiles)  # Triton kernels compiled after start-up in a cold 0.6B throughput run (none expected; compile_log.py)
+    TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 benchmarks/compile_log.py bench throughput \
+      --model benchmarks/configs/qwen3-0.6b --load-format dummy 2>&1 | grep "compile\|throughput\|ready in" \
+      | tee "$OUT/compiles.log" | awk '/ready in/{f=1} f' | cut -c1-160 | tail -12 ;;
+  decode-tiles)  # smaller key tiles at 16-32 splits with page-sized chunks, batch 1-2 (run at 158232b)
     (cd benchmarks; timeout 300 python3 bench_decode_block.py --batches 1,2 --contexts 512,768,1024,2048,4096 \
       --splits 16,32 --block-n 16,32 2>&1 | tail -24) ;;
   lean-gemv)  # a dot-free GEMV against the engine's, each Qwen3-8B layer shape at batch 1
