@@ -43,7 +43,8 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
 
 def main() -> int:
     from bench_gemm import SHAPES  # benchmarks/ is on sys.path when this file runs as a script
-    from pagedllm.attention.triton_decode import SMALL_TILE_SPLITS, TINY_TILE_SPLITS, _decode_kernel, _merge_splits_kernel
+    from pagedllm.attention.triton_decode import (SMALL_TILE_SPLITS, TINY_TILE_SPLITS, _decode_kernel,
+                                                  _merge_splits_kernel)
     from pagedllm.layers.triton_gemv import MAX_ROWS, _gemv_kernel, gemv_config
     fused = {"qkv": (True, False), "gate_up": (True, True)}  # (norm + residual, SiLU-and-mul) as Linear.normed
     for name, (k, n) in SHAPES["8b"].items():

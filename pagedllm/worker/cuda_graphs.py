@@ -38,7 +38,8 @@ class DecodeGraphs:
             input_ids, positions, meta = self.buffers.load(step, full_width=True)
             meta.query_start_loc_cpu = meta.seq_lens_cpu = None
             meta.max_seq_len = 0  # not known at capture: the kernels must not depend on it
-            self.model.compute_logits(self.model(input_ids, positions, meta))  # warm-up (Triton compiles, ...)
+            # warm-up: Triton compiles, the allocator settles
+            self.model.compute_logits(self.model(input_ids, positions, meta))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

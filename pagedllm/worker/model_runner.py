@@ -387,7 +387,7 @@ class ModelRunner:
             return [torch.tensor(values, dtype=dtype) for values, dtype in columns]
         spans, end = [], 0
         for values, dtype in columns:
-            size = len(values) * torch.empty((), dtype=dtype).element_size()
+            size = len(values) * dtype.itemsize
             spans.append((end, end + size))
             end += round_up(size, ALIGN)  # aligned as the kernels' variants expect (input_batch.ALIGN)
         host = torch.empty(end, dtype=torch.uint8, pin_memory=True)
