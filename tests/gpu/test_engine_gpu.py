@@ -101,7 +101,6 @@ def test_no_kernel_compiles_after_start_up(models):
     """Every Triton kernel variant a run needs compiles at start-up (profiling run, graph capture): steps of other
     sizes, mixes of prefill and decode, greedy and sampled batches must not compile one mid-run (each costs about a
     second inside a step)."""
-    import gc
     import importlib
     import pathlib
 
@@ -109,11 +108,12 @@ def test_no_kernel_compiles_after_start_up(models):
 
     import pagedllm
     root = pathlib.Path(pagedllm.__file__).parent
-    for path in root.rglob("*.py"):  # every module with a kernel, imported before the kernels are collected
+    kernels = []  # from the modules themselves: an earlier engine froze the heap out of gc.get_objects()' sight
+    for path in root.rglob("*.py"):
         if "@triton.jit" in path.read_text():
-            importlib.import_module("pagedllm." + ".".join(path.relative_to(root).with_suffix("").parts))
-    kernels = [obj for obj in gc.get_objects() if isinstance(obj, triton.runtime.JITFunction)
-               and obj.fn.__module__.startswith("pagedllm.")]
+            module = importlib.import_module("pagedllm." + ".".join(path.relative_to(root).with_suffix("").parts))
+            kernels += [obj for obj in vars(module).values() if isinstance(obj, triton.runtime.JITFunction)
+                        and obj.fn.__module__ == module.__name__]
     assert len(kernels) >= 7, [k.fn.__qualname__ for k in kernels]
     for kernel in kernels:  # forget what earlier tests compiled in this process (Triton's disk cache stays)
         kernel.device_caches.clear()
