@@ -149,8 +149,7 @@ def bench(model: str, layers: int, rows: int) -> int:
     return 0
 
 
-def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candidates: list | None = None,
-                tma: bool = False) -> int:
+def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candidates: list | None = None) -> int:
     """The engine's small-step decoder layer without attention, in one graph: the two RMSNorms and SiLU-and-mul as
     kernels of their own between the four GEMVs, against Linear.normed's fusion of them into the GEMVs."""
     from bench_attention import _graph_ms, copy_bandwidth
@@ -174,38 +173,31 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candida
             x = gemv(silu_and_mul(gemv(h, w["gate_up"])), w["down"])
         return x
 
-    def fused(i=0, configs=None, tma=False):
+    def fused(i=0, configs=None):
         c = configs or {}
         x, res = x0, res0
         for w, (g1, g2) in zip(weights, norms):
-            qkv, res = gemv(x, w["qkv"], norm=(g1, 1e-6), residual=res, config=c.get("qkv"), tma=tma)
-            o = gemv(qkv[:, :q_size], w["o_proj"], config=c.get("o_proj"), tma=tma)
-            h, res = gemv(o, w["gate_up"], norm=(g2, 1e-6), residual=res, silu_and_mul=True, config=c.get("gate_up"),
-                          tma=tma)
-            x = gemv(h, w["down"], config=c.get("down"), tma=tma)
+            qkv, res = gemv(x, w["qkv"], norm=(g1, 1e-6), residual=res, config=c.get("qkv"))
+            o = gemv(qkv[:, :q_size], w["o_proj"], config=c.get("o_proj"))
+            h, res = gemv(o, w["gate_up"], norm=(g2, 1e-6), residual=res, silu_and_mul=True, config=c.get("gate_up"))
+            x = gemv(h, w["down"], config=c.get("down"))
         return x
 
     assert inter * 2 == shapes["gate_up"][1]
     reference = apart().float()
     print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e9:,.0f} GB/s; Qwen3-{model} layers without "
           f"attention, batch {rows}, {layers} layers of {layer_bytes / 1e6:.0f} MB")
-    ways = [("norms apart", apart), ("norms fused", fused)]
-    if tma:
-        ways.append(("norms fused, TMA", lambda i=0: fused(tma=True)))
-    for name, way in ways:
+    for name, way in (("norms apart", apart), ("norms fused", fused)):
         err = float((way().float() - reference).norm() / reference.norm())
         us = 1e3 * _graph_ms(way, 1) / layers
         print(f"{name:>20}: {us:7.1f} us a layer, {100 * layer_bytes / (us * 1e-6) / bandwidth:5.1f}% of the copy "
               f"bandwidth (output vs norms apart: relative difference {err:.1e})")
     if sweep:
-        sweep_configs(lambda i=0, configs=None: fused(configs=configs, tma=tma), fused().float(), {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
+        sweep_configs(fused, fused().float(), {name: (n, k) for name, (k, n) in shapes.items()}, layers, layer_bytes,
                       bandwidth, candidates)
     return 0
 
 
-# --tma: the weight through a tensor descriptor (shared memory, TMA), so deeper pipelines hold no registers
-TMA_CANDIDATES = [(n, k, 4, st) for n in (32, 64) for k in (64, 128, 256) for st in (3, 4, 6, 8)
-                  if n * k * 2 * st <= 160 * 1024 and n * k >= 4096]
 # --deep: longer pipelines (more weight bytes in flight per program), up to ~200 KB of shared memory a program;
 # measured slower than the shape rule's (docs/benchmarks.md).
 DEEP_CANDIDATES = [(n, k, w, st) for n in (16, 32, 64) for k in (256, 512) for w in (4, 8) for st in (4, 6, 8)
@@ -258,8 +250,6 @@ def main() -> int:
                         help="the engine's GEMV layer with the norms and SiLU apart or fused, instead of the chains")
     parser.add_argument("--sweep", action="store_true", help="with --layer: sweep each fused layer GEMV's config")
     parser.add_argument("--deep", action="store_true", help="with --sweep: longer pipelines (DEEP_CANDIDATES)")
-    parser.add_argument("--tma", action="store_true",
-                        help="with --layer: also the fused layer with TMA weight loads (--sweep: sweep that one)")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -267,8 +257,8 @@ def main() -> int:
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     if args.layer:
-        candidates = TMA_CANDIDATES if args.tma else DEEP_CANDIDATES if args.deep else None
-        return max(bench_layer(args.model, args.layers, int(rows), args.sweep, candidates, args.tma)
+        candidates = DEEP_CANDIDATES if args.deep else None
+        return max(bench_layer(args.model, args.layers, int(rows), args.sweep, candidates)
                    for rows in args.rows.split(","))
     return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))
 

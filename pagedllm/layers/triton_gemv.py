@@ -43,19 +43,15 @@ def _x_tiles(x_rows, r_rows, norm_ptr, kk, row_mask, K, HAS_RESIDUAL: tl.constex
 def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
                  stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                 W_TMA: tl.constexpr):
-    """W_TMA: w_ptr is a tensor descriptor of the weight ([BLOCK_N, BLOCK_K] boxes): its tiles come by the tensor
-    memory accelerator into shared memory, out-of-bounds parts zero."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_x
     r_rows = res_ptr + rows[:, None] * stride_r
-    if not W_TMA:
-        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
-        up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
     row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
     dtype = x_ptr.dtype.element_ty
@@ -79,16 +75,10 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
             a = (xf * g.to(tl.float32)[None, :]).to(dtype)
         else:
             a = tl.load(x_rows + kk[None, :], mask=row_mask & k_mask, other=0.0)
-        if W_TMA:
-            b = w_ptr.load([pid * BLOCK_N, k0])
-        else:
-            b = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
+        b = tl.load(w_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
         acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
         if SILU_MUL:
-            if W_TMA:  # gate tiles past row N read up rows: their columns are not stored
-                b_up = w_ptr.load([N + pid * BLOCK_N, k0])
-            else:
-                b_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
+            b_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
             acc_up += tl.dot(a, tl.trans(b_up), input_precision=PRECISION)
     if NORM:
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
@@ -122,13 +112,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         residual: torch.Tensor | None = None, silu_and_mul: bool = False, tma: bool = False):
+         residual: torch.Tensor | None = None, silu_and_mul: bool = False):
     """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in fp32; 1 <= M <= 16.
 
     norm=(norm_weight [K], eps): RMSNorm(x) is the input; with residual [M, K], RMSNorm(x + residual) is, and the
     call returns (out, x + residual). silu_and_mul: weight is [gate; up] ([2I, K]) and out is silu(gate) * up
-    [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves).
-    tma: the weight's tiles come through a tensor descriptor (Hopper's TMA; needs 16-byte aligned rows)."""
+    [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves)."""
     if not supports(x, weight):
         raise ValueError(f"gemv: needs x [M <= {MAX_ROWS}, K] and weight [N, K] of one float dtype with contiguous "
                          f"rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
@@ -149,16 +138,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (out, 0.0)
-    w = weight
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        w = TensorDescriptor.from_tensor(weight, [block_n, block_k])
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, residual if residual is not None else x, new_residual, norm_weight, w,
+        x, residual if residual is not None else x, new_residual, norm_weight, weight,
         bias if bias is not None else out, out, x.shape[0], n, k, n * weight.stride(0), x.stride(0),
         residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
         out.stride(0), eps,
         HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), W_TMA=tma, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return (out, new_residual) if residual is not None else out
