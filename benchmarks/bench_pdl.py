@@ -198,19 +198,6 @@ def bench_layer(model: str, layers: int, rows: int, sweep: bool = False, candida
     return 0
 
 
-# --cols: programs of fewer columns than their tiles hold (the fifth value), so that a GEMV's programs fill the
-# H200's 132 SMs evenly. Qwen3-8B: qkv 128 or 131 programs instead of 96, gate_up 262 or 397 instead of 384.
-# Qwen3-0.6B: its o_proj and down run 32 programs by the shape rule, qkv 64.
-COLS_CANDIDATES = {
-    "8b": {"qkv": [(64, 256, 4, 4), (64, 256, 4, 4, 48), (64, 256, 4, 3, 48), (64, 256, 4, 4, 47),
-                   (64, 256, 4, 4, 56), (64, 128, 4, 4, 48)],
-           "o_proj": [(32, 256, 4, 4), (32, 256, 4, 6), (64, 256, 4, 4, 32)],
-           "gate_up": [(64, 128, 4, 3), (64, 128, 4, 3, 62), (128, 128, 4, 3, 94), (128, 64, 4, 4, 94)],
-           "down": [(32, 256, 4, 4), (32, 256, 4, 6), (64, 256, 4, 4, 32)]},
-    "0.6b": {"qkv": [(64, 256, 4, 4), (32, 256, 4, 4), (16, 256, 4, 4), (32, 256, 4, 4, 31), (32, 128, 4, 4)],
-             "o_proj": [(32, 256, 4, 4), (16, 256, 4, 4), (16, 256, 4, 4, 8), (16, 128, 4, 4, 8)],
-             "gate_up": [(64, 128, 4, 3), (32, 256, 4, 4), (32, 128, 4, 3), (32, 128, 4, 3, 24)],
-             "down": [(32, 256, 4, 4), (16, 256, 4, 4), (16, 256, 4, 4, 8), (16, 128, 4, 4, 8)]}}
 # --deep: longer pipelines (more weight bytes in flight per program), up to ~200 KB of shared memory a program;
 # measured slower than the shape rule's (docs/benchmarks.md).
 DEEP_CANDIDATES = [(n, k, w, st) for n in (16, 32, 64) for k in (256, 512) for w in (4, 8) for st in (4, 6, 8)
@@ -230,7 +217,7 @@ def sweep_configs(fused, reference, reference_shapes: dict, layers: int, layer_b
     print(f"sweep, from the shape rule's configs: {base_us:.1f} us a layer")
     for name in ("qkv", "o_proj", "gate_up", "down"):
         results = []
-        for config in (candidates[name] if isinstance(candidates, dict) else candidates):
+        for config in candidates:
             trial = dict(best, **{name: config})
             try:
                 err = float((fused(configs=trial).float() - reference).norm() / reference.norm())
@@ -263,7 +250,6 @@ def main() -> int:
                         help="the engine's GEMV layer with the norms and SiLU apart or fused, instead of the chains")
     parser.add_argument("--sweep", action="store_true", help="with --layer: sweep each fused layer GEMV's config")
     parser.add_argument("--deep", action="store_true", help="with --sweep: longer pipelines (DEEP_CANDIDATES)")
-    parser.add_argument("--cols", action="store_true", help="with --sweep: fewer columns a program (COLS_CANDIDATES)")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -271,7 +257,7 @@ def main() -> int:
         print("bench_pdl: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     if args.layer:
-        candidates = COLS_CANDIDATES[args.model] if args.cols else DEEP_CANDIDATES if args.deep else None
+        candidates = DEEP_CANDIDATES if args.deep else None
         return max(bench_layer(args.model, args.layers, int(rows), args.sweep, candidates)
                    for rows in args.rows.split(","))
     return max(bench(args.model, args.layers, int(rows)) for rows in args.rows.split(","))

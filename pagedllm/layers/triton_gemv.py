@@ -43,20 +43,17 @@ def _x_tiles(x_rows, r_rows, norm_ptr, kk, row_mask, K, HAS_RESIDUAL: tl.constex
 def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
                  stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                 COLS: tl.constexpr):
-    """Each program computes COLS <= BLOCK_N output columns (BLOCK_N: the power of two its tiles take)."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    tile_cols = tl.arange(0, BLOCK_N)
-    cols = pid * COLS + tile_cols
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_x
     r_rows = res_ptr + rows[:, None] * stride_r
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
     up_rows = w_rows + up_offset  # SILU_MUL: the up half of the weight, N rows further
     row_mask = rows[:, None] < M
-    col_mask = (cols[:, None] < N) & (tile_cols[:, None] < COLS)
+    col_mask = cols[:, None] < N
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -88,13 +85,13 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
         acc *= rstd[:, None]
         acc_up *= rstd[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=(cols < N) & (tile_cols < COLS), other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if SILU_MUL:  # rounded as F.silu(gate) * up rounds: the gate, the up, then silu(gate), then the product
         gate = acc.to(dtype).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         acc = silu * acc_up.to(dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask & (cols[None, :] < N) & (tile_cols[None, :] < COLS))
+             mask=row_mask & (cols[None, :] < N))
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -114,14 +111,13 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, ...] | None = None, norm: tuple[torch.Tensor, float] | None = None,
+         config: tuple[int, int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
          residual: torch.Tensor | None = None, silu_and_mul: bool = False):
     """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in fp32; 1 <= M <= 16.
 
     norm=(norm_weight [K], eps): RMSNorm(x) is the input; with residual [M, K], RMSNorm(x + residual) is, and the
     call returns (out, x + residual). silu_and_mul: weight is [gate; up] ([2I, K]) and out is silu(gate) * up
-    [M, I]. The config, (BLOCK_N, BLOCK_K, warps, stages[, columns a program, <= BLOCK_N]), is that of the unfused
-    product ([2I, K] for silu_and_mul, split into two halves)."""
+    [M, I]. The config is that of the unfused product ([2I, K] for silu_and_mul, split into two halves)."""
     if not supports(x, weight):
         raise ValueError(f"gemv: needs x [M <= {MAX_ROWS}, K] and weight [N, K] of one float dtype with contiguous "
                          f"rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
@@ -136,19 +132,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match K = {k}")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError(f"gemv: silu_and_mul needs a weight [gate; up] of even rows and no bias, got {n} rows")
-    block_n, block_k, warps, stages, *cols = config or gemv_config(n, k)
-    cols = cols[0] if cols else block_n  # columns a program: up to block_n
+    block_n, block_k, warps, stages = config or gemv_config(n, k)
     if silu_and_mul:  # each program takes block_n weight rows in all: half from gate, half from up
-        n, block_n, cols = n // 2, max(16, block_n // 2), max(1, cols // 2)
+        n, block_n = n // 2, max(16, block_n // 2)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (out, 0.0)
-    _gemv_kernel[(triton.cdiv(n, cols),)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, new_residual, norm_weight, weight,
         bias if bias is not None else out, out, x.shape[0], n, k, n * weight.stride(0), x.stride(0),
         residual.stride(0) if residual is not None else 0, new_residual.stride(0), weight.stride(0),
         out.stride(0), eps,
         HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), COLS=cols, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return (out, new_residual) if residual is not None else out
