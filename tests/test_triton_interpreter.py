@@ -168,6 +168,31 @@ def _ops_checks(emit) -> None:
     gu = torch.randn(3, 2, 2 * 40, generator=gen)
     emit("silu_and_mul", rel=_rel(silu_and_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:]))
     _gemv_checks(emit, gen)
+    _host_io_checks(emit)
+
+
+def _host_io_checks(emit) -> None:
+    """The step's staging kernel (a plain copy of int64 words, except that the first num_ids words below zero,
+    -(1 + i), take the in-flight step's sampled id i) over several programs, and the kernel that writes outputs
+    out to the host."""
+    import torch
+
+    from pagedllm.worker.host_io import STAGE_BLOCK, stage_inputs, to_host
+
+    n = STAGE_BLOCK + 300
+    host = torch.arange(n, dtype=torch.int64) + 1000
+    host[[0, 3, STAGE_BLOCK + 1]] = torch.tensor([-2, -1, -3])
+    host[n - 1] = -1  # past num_ids: copied as it is
+    device = torch.zeros(n + 16, dtype=torch.int64)
+    stage_inputs(host, device, STAGE_BLOCK + 2, torch.tensor([70, 71, 72], dtype=torch.int32))
+    expect = host.clone()
+    expect[[0, 3, STAGE_BLOCK + 1]] = torch.tensor([71, 70, 72])
+    emit("stage_inputs", exact=bool(torch.equal(device[:n], expect) and not device[n:].any()))
+    ids, logprobs = torch.arange(5, dtype=torch.int64) * 7, torch.randn(5, 3)
+    out_ids, out_lp = torch.zeros_like(ids), torch.zeros_like(logprobs)
+    to_host(ids, out_ids)
+    to_host(logprobs, out_lp)
+    emit("to_host", exact=bool(torch.equal(out_ids, ids) and torch.equal(out_lp, logprobs)))
 
 
 def _gemv_checks(emit, gen) -> None:

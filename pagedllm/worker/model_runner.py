@@ -55,10 +55,11 @@ class PendingStep:
                 tensors += [output.sampled_logprobs, output.sampled_ranks]
                 if output.top_token_ids is not None:
                     tensors += [output.top_token_ids, output.top_logprobs]
-            if output.token_ids.is_cuda:
+            if output.token_ids.is_cuda:  # written into pinned memory by a kernel (host_io.to_host: no memcpy)
+                from pagedllm.worker.host_io import to_host
                 self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
                 for host, device in zip(self._host, tensors):
-                    host.copy_(device, non_blocking=True)
+                    to_host(device, host)
                 self._ready = torch.cuda.Event()
                 self._ready.record()
             else:
@@ -171,7 +172,10 @@ class ModelRunner:
         # now, not in the first request's step (about a second each on a cold cache)
         ones, zeros = torch.ones(rows, device=self.device), torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.sampler(logits, SamplingMetadata(temperature=ones, greedy=zeros.bool(), all_greedy=False, seeds=zeros))
-        self.sampler(logits[:1], SamplingMetadata(temperature=None, greedy=None, all_greedy=True))
+        greedy = self.sampler(logits[:1], SamplingMetadata(temperature=None, greedy=None, all_greedy=True))
+        # and the kernels that stage a step's inputs in from the host and write its tokens out (host_io.py)
+        self.buffers.load(StepInputs([0], [0], [-1], [0, 1], [1], [[0]], 1, 1))
+        PendingStep([], greedy).result()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
         allocated = torch.cuda.memory_allocated(self.device)
