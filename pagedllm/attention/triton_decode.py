@@ -60,32 +60,6 @@ def _norm_rope(row_ptr, head_offsets, row_mask, dims, dim_mask, head_dim, cos, s
 
 
 @triton.jit
-def _kv_tile(k_cache_ptr, v_cache_ptr, block_row, n0, end, dims, dim_mask, kv_head, stride_cb, stride_cs, stride_ch,
-             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [D, BLOCK_N] and values [BLOCK_N, D] of positions n0.. of one kv head (masked from end), and the mask."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < end
-    block = tl.load(block_row + cols // BLOCK_SIZE, mask=col_mask, other=0).to(tl.int64)
-    base = block * stride_cb + (cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-    k_t = tl.load(k_cache_ptr + base[None, :] + dims[:, None], mask=col_mask[None, :] & dim_mask[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-    return k_t, v, col_mask
-
-
-@triton.jit
-def _softmax_step(q, k_t, v, col_mask, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-    """One tile of the online softmax: the running max m_i, sum l_i and output acc with k_t and v counted in."""
-    qk = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2
-    qk = tl.where(col_mask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -111,22 +85,17 @@ def _decode_kernel(
     row_mask = rows < group
     dim_mask = dims < head_dim
     q_row = q_ptr + seq.to(tl.int64) * stride_qt
-    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if FROM_QKV:
         # q_ptr is the qkv projection's output: every program norms and rotates its heads' q, and the one whose
         # chunk holds the new token (position seq_len - 1) takes that token's k and v from qkv as well: it stores
         # them into the cache and counts them in from registers, so no program reads their slot.
-        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
-        end = tl.minimum(end, seq_len - 1)
-        # The first tile's pages, keys and values are loaded before q is normed and rotated, so that their
-        # latencies overlap (at 16-32 splits the chunk is one or two tiles).
-        k_first, v_first, mask_first = _kv_tile(k_cache_ptr, v_cache_ptr, block_row, start, end, dims, dim_mask,
-                                                kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N)
         pos = tl.load(positions_ptr + seq).to(tl.int64)
         cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=dim_mask, other=0.0).to(tl.float32)
         q = _norm_rope(q_row, heads * head_dim, row_mask, dims, dim_mask, head_dim, cos, sin, q_norm_ptr, eps,
                        HAS_NORM).to(q_ptr.dtype.element_ty)
+        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
+        end = tl.minimum(end, seq_len - 1)
         # Every program loads the new k and v (a few hundred bytes from L2) ahead of its loop, where their latency
         # hides; only the one that holds the new token uses them.
         first = rows < 1
@@ -143,15 +112,24 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D_PAD], tl.float32)
-    loop_start = start
-    if FROM_QKV:
-        if start < end:
-            m_i, l_i, acc = _softmax_step(q, k_first, v_first, mask_first, m_i, l_i, acc, scale_log2, PRECISION)
-        loop_start = start + BLOCK_N
-    for n0 in range(loop_start, end, BLOCK_N):
-        k_t, v, col_mask = _kv_tile(k_cache_ptr, v_cache_ptr, block_row, n0, end, dims, dim_mask, kv_head,
-                                    stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N)
-        m_i, l_i, acc = _softmax_step(q, k_t, v, col_mask, m_i, l_i, acc, scale_log2, PRECISION)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < end
+        block = tl.load(block_row + cols // BLOCK_SIZE, mask=col_mask, other=0).to(tl.int64)
+        base = block * stride_cb + (cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        k_t = tl.load(k_cache_ptr + base[None, :] + dims[:, None],
+                      mask=col_mask[None, :] & dim_mask[:, None], other=0.0)  # [D, N]
+        v = tl.load(v_cache_ptr + base[:, None] + dims[None, :],
+                    mask=col_mask[:, None] & dim_mask[None, :], other=0.0)  # [N, D]
+        qk = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2
+        qk = tl.where(col_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
 
     if FROM_QKV:
         if holds_new:
