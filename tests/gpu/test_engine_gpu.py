@@ -86,6 +86,22 @@ def test_cuda_graphs_equal_eager(models, model):
     assert results[0] == results[1]
 
 
+def test_seeded_sampling_alone_equals_in_a_batch(models):
+    """Each row's sampling values (temperature, top-p, seed) reach its own row: a seeded request samples the same
+    tokens alone as in a batch of requests with other values (fp32, so that batching does not move a logit)."""
+    llm = LLM(str(models["qwen3"]), dtype="float32", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
+              max_num_seqs=16)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(9, min_len=3, max_len=60, seed=52)]
+    params = [SamplingParams(temperature=0.4 + 0.15 * i, top_p=0.9 if i % 2 else 1.0, seed=200 + i, max_tokens=12,
+                             ignore_eos=True) if i % 3 else SamplingParams(temperature=0, max_tokens=12,
+                                                                           ignore_eos=True)
+              for i in range(len(prompts))]
+    batch = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [llm.generate([p], q, use_tqdm=False)[0].outputs[0].token_ids for p, q in zip(prompts, params)]
+    assert batch == alone
+    assert len({tuple(t) for t in batch}) > 1
+
+
 def test_memory_planning_fills_the_budget():
     llm = LLM(str(REPO / "benchmarks" / "configs" / "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
               gpu_memory_utilization=0.5, max_model_len=4096)
