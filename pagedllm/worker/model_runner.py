@@ -100,10 +100,6 @@ class ModelRunner:
         # the previous launch's sampled ids on the device, and each request's row in them (async scheduling)
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
         self._step_seeds = random.Random(config.args.seed)  # the fused sampler's per-step seed (CUDA)
-        # pinned staging of the per-row sampling values (_columns_to_device): at most 9 columns of 8 bytes a row
-        self._columns_host = torch.empty(round_up(max_seqs * 8, ALIGN) * 9, dtype=torch.uint8,
-                                         pin_memory=self.device.type == "cuda")
-        self._columns_read: torch.cuda.Event | None = None  # the last staging kernel's read of it is done
 
     # -- startup ---------------------------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -398,18 +394,8 @@ class ModelRunner:
             size = len(values) * dtype.itemsize
             spans.append((end, end + size))
             end += round_up(size, ALIGN)  # aligned as the kernels' variants expect (input_batch.ALIGN)
-        if end > self._columns_host.numel():
-            raise RuntimeError(f"sampling values of {len(columns[0][0])} rows exceed the staging for max_num_seqs")
-        if self._columns_read is not None:  # the previous step's kernel may still be reading the staging
-            self._columns_read.synchronize()
-        host = self._columns_host[:end]
+        host = torch.empty(end, dtype=torch.uint8, pin_memory=True)
         for (start, stop), (values, dtype) in zip(spans, columns):
             host[start:stop].view(dtype).numpy()[:] = values
-        # staged by a kernel that reads the pinned memory, not a memcpy (host_io.py: a copy engine between the
-        # step's graph and the sampling kernel idles the stream on both sides)
-        from pagedllm.worker.host_io import stage_inputs
-        device = torch.empty(end, dtype=torch.uint8, device=self.device)
-        stage_inputs(host.view(torch.int64), device.view(torch.int64), 0, None)
-        self._columns_read = torch.cuda.Event()
-        self._columns_read.record()
+        device = host.to(self.device, non_blocking=True)
         return [device[start:stop].view(dtype) for (start, stop), (_, dtype) in zip(spans, columns)]
