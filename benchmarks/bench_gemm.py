@@ -12,6 +12,7 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
 
     python benchmarks/bench_gemm.py [--models 0.6b,8b] [--batches 1,32,256]
     python benchmarks/bench_gemm.py --fused --batches 1,8,16,32,64,128   # a whole layer, fused against unfused
+    python benchmarks/bench_gemm.py --blas --batches 8,32,64,128,256     # torch.mm: cuBLAS against cuBLASLt
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
 """
 from __future__ import annotations
@@ -196,6 +197,35 @@ def bench(models: list[str], batches: list[int]) -> int:
     return 0
 
 
+def bench_blas(models: list[str], batches: list[int]) -> int:
+    """torch.mm under each of torch's BLAS back-ends (cuBLAS, what the engine gets by default, and cuBLASLt), per
+    layer shape (and the lm_head's) and M, in replayed graphs over L2-defeating weight copies: us a call."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    vocab = 151936
+    print(f"device {torch.cuda.get_device_name()}; torch.mm, us a call")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'cublas':>8} {'cublaslt':>8}")
+    default = torch.backends.cuda.preferred_blas_library()
+    try:
+        for model in models:
+            shapes = dict(SHAPES[model], lm_head=(SHAPES[model]["qkv"][0], vocab))
+            for layer, (k, n) in shapes.items():
+                copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
+                weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+                for m in batches:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                    times = []
+                    for library in ("cublas", "cublaslt"):
+                        torch.backends.cuda.preferred_blas_library(library)
+                        times.append(_graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies))
+                    print(f"{model:>5} {layer:>8} {m:>4} {times[0]:>8.1f} {times[1]:>8.1f}")
+                del weights
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+    return 0
+
+
 def bench_fused(models: list[str], batches: list[int]) -> int:
     """One decoder layer's linear work as the engine runs it: cuBLAS with the separate RMSNorm (+ residual) and
     SiLU-and-mul kernels, against fused_linear.py's four fused matmuls, in a replayed CUDA graph. Several
@@ -262,6 +292,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--fused", action="store_true",
                         help="a whole layer: cuBLAS + separate norm/SiLU kernels against fused_linear.py")
+    parser.add_argument("--blas", action="store_true", help="torch.mm under cuBLAS against cuBLASLt")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -269,7 +300,7 @@ def main() -> int:
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
-    return (bench_fused if args.fused else bench)(args.models.split(","), batches)
+    return (bench_fused if args.fused else bench_blas if args.blas else bench)(args.models.split(","), batches)
 
 
 if __name__ == "__main__":
