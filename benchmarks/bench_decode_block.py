@@ -20,7 +20,9 @@ from bench_attention import add_head_args  # benchmarks/ is on sys.path when thi
 
 
 def make_layers(batch: int, context: int, copies: int, args, device: str, gen: torch.Generator):
-    from tests.qkv_step_case import make_step
+    from pathlib import Path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository's tests/, also when PYTHONPATH points
+    from tests.qkv_step_case import make_step  # pagedllm at another tree (an A/B run of an older commit)
     return make_step([(1, context)] * (batch * copies), batch * copies, args.heads, args.kv_heads, args.head_dim,
                      16, True, getattr(torch, args.dtype), device, gen)
 
