@@ -44,7 +44,7 @@ ALIGN = 16  # bytes
 
 class InputBuffers:
     """All of a step's integer inputs in one pinned host buffer and one device buffer, so that a step's inputs go
-    to the device in one copy (each copy costs the device 2-3 us at a small batch; a step used to make seven).
+    to the device in one launch (a step used to make seven copies, each costing the device microseconds).
 
     A step's layout depends only on its sizes (tokens T, sequences S, block-table width W): int64 input ids,
     positions and slots [T each], int32 query_start_loc [S + 1], seq_lens [S] and block tables [S, W], packed in
