@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from pagedllm.attention.triton_utils import num_sms
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels read it
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -22,10 +25,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, part_score_ptr, part_col_ptr,
                           count_ptr, out_ptr, vocab, span, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-                          ALL_GREEDY: tl.constexpr):
+                          ALL_GREEDY: tl.constexpr, FAST_LOG: tl.constexpr):
     """Program (row, split): the best score, and its lowest column, of columns [split * span, (split + 1) * span);
     the row's token from the splits' results. SPLITS bounds their number: a power of two fixed by the vocabulary and
-    BLOCK, not the batch, so that one compiled variant serves every batch size (no compiling mid-run)."""
+    BLOCK, not the batch, so that one compiled variant serves every batch size (no compiling mid-run).
+
+    The scores are those of the docstring times log2(e), in base 2 (the same argmax): logits * log2(e) / T -
+    log2(e'), e' = e * log2(e). FAST_LOG takes the GPU's approximate log2 (one instruction; the accurate logf
+    of libdevice made the kernel compute-bound), which Triton's CPU interpreter lacks."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -38,6 +45,7 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
         temperature = tl.load(temperature_ptr + row)
         greedy = (tl.load(greedy_ptr + row) != 0) | (temperature == 0.0)
         seed = tl.load(seeds_ptr + row)
+    scale = LOG2E / tl.where(greedy, 1.0, temperature)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)  # running max of each lane over the chunks
     best_col = tl.zeros([BLOCK], tl.int32)
@@ -55,9 +63,16 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
             u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
             # v: u plus half its step (2**-32), uniform in (0, 1), never 0, fine-grained near 0. e = -log(1 - v)
             # is Exp(1), by its series where 1 - v would round (the winners' e are the small ones); G = -log(e).
+            # In base 2: e2 = -log2(1 - v) = e * log2(e), and the score scaled by log2(e) less log2(e2).
             v = u + 2.3283064e-10
-            e = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))), -tl.log(1.0 - v))
-            score = score / temperature - tl.log(e)
+            if FAST_LOG:
+                e2 = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))) * LOG2E,
+                              -libdevice.fast_log2f(1.0 - v))
+                score = score * scale - libdevice.fast_log2f(e2)
+            else:
+                e2 = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))) * LOG2E,
+                              -tl.log2(1.0 - v))
+                score = score * scale - tl.log2(e2)
         take = score > best  # strict: a lane keeps its earliest column on ties
         best = tl.where(take, score, best)
         best_col = tl.where(take, cols, best_col)
@@ -154,5 +169,5 @@ def _launch(caller: str, logits: torch.Tensor, row_params: tuple, block: int, nu
         _gumbel_argmax_kernel[(batch, num_splits)](
             logits, *row_params, part_score, part_col, counters, out, vocab, span, logits.stride(0), BLOCK=block,
             SPLITS=triton.next_power_of_2(triton.cdiv(vocab, block)), ALL_GREEDY=all_greedy,
-            num_warps=max(1, min(8, block // 256)))
+            FAST_LOG=logits.is_cuda, num_warps=max(1, min(8, block // 256)))
     return out
