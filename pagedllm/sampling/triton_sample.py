@@ -23,6 +23,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _log2(x, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
+
+
+@triton.jit
 def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, part_score_ptr, part_col_ptr,
                           count_ptr, out_ptr, vocab, span, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
                           ALL_GREEDY: tl.constexpr, FAST_LOG: tl.constexpr):
@@ -65,14 +72,9 @@ def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, greedy_ptr, seeds_ptr, pa
             # is Exp(1), by its series where 1 - v would round (the winners' e are the small ones); G = -log(e).
             # In base 2: e2 = -log2(1 - v) = e * log2(e), and the score scaled by log2(e) less log2(e2).
             v = u + 2.3283064e-10
-            if FAST_LOG:
-                e2 = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))) * LOG2E,
-                              -libdevice.fast_log2f(1.0 - v))
-                score = score * scale - libdevice.fast_log2f(e2)
-            else:
-                e2 = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))) * LOG2E,
-                              -tl.log2(1.0 - v))
-                score = score * scale - tl.log2(e2)
+            e2 = tl.where(v < 0.015625, v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25))) * LOG2E,
+                          -_log2(1.0 - v, FAST_LOG))
+            score = score * scale - _log2(e2, FAST_LOG)
         take = score > best  # strict: a lane keeps its earliest column on ties
         best = tl.where(take, score, best)
         best_col = tl.where(take, cols, best_col)
