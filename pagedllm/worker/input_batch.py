@@ -101,7 +101,7 @@ class InputBuffers:
         if step.deferred_rows:
             ids = host[0].numpy()
             if self.on_gpu:  # the staging kernel reads them from the device
-                ids[step.deferred_rows] = [-1 - i for i in step.deferred_sources]
+                ids[step.deferred_rows] = -1 - np.asarray(step.deferred_sources)
             else:
                 ids[step.deferred_rows] = step.deferred_ids.numpy()[step.deferred_sources]
         if self.on_gpu:
