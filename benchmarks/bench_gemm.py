@@ -13,6 +13,7 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
     python benchmarks/bench_gemm.py [--models 0.6b,8b] [--batches 1,32,256]
     python benchmarks/bench_gemm.py --fused --batches 1,8,16,32,64,128   # a whole layer, fused against unfused
     python benchmarks/bench_gemm.py --blas --batches 8,32,64,128,256     # torch.mm: cuBLAS against cuBLASLt
+    python benchmarks/bench_gemm.py --roofline --batches 16,32,...,256 [--triton]   # each against its own bound
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
 """
 from __future__ import annotations
@@ -69,6 +70,102 @@ def _reduce_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
     for s in tl.static_range(SPLIT_K):
         total += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_tc_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o, stride_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out = x @ w.T for K a multiple of SPLIT_K * BLOCK_K and N of BLOCK_N: no masks along K or N, so every load
+    is a full 16-byte vector that the pipeliner can prefetch. The M tiles of one N tile are neighbouring programs,
+    so each weight tile comes from HBM once and from the L2 for the others. SPLIT_K > 1 writes float32 partials
+    at out + split * stride_split."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    split = (pid // num_m) % SPLIT_K
+    pid_n = pid // (num_m * SPLIT_K)
+    k_per = K // SPLIT_K
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = split * k_per + tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
+    b_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    row_mask = rows[:, None] < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, k_per, BLOCK_K):
+        a = tl.load(a_ptrs, mask=row_mask, other=0.0)
+        b = tl.load(b_ptrs)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    dst = out_ptr + split.to(tl.int64) * stride_split + rows[:, None] * stride_o + cols[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemm_tc(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
+            partial: torch.Tensor | None = None) -> torch.Tensor:
+    """_gemm_tc_kernel's product (config as gemm's); raises ValueError where K or N do not divide."""
+    block_m, block_n, block_k, split_k, warps, stages = config
+    (m, k), n = x.shape, w.shape[0]
+    if k % (split_k * block_k) or n % block_n:
+        raise ValueError(f"gemm_tc: K {k} / N {n} do not divide by {split_k * block_k} / {block_n}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    grid = (triton.cdiv(m, block_m) * split_k * (n // block_n),)
+    if split_k == 1:
+        _gemm_tc_kernel[grid](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), 0, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, num_warps=warps, num_stages=stages)
+        return out
+    if partial is None:
+        partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _gemm_tc_kernel[grid](x, w, partial, m, n, k, x.stride(0), w.stride(0), n, m * n, BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+    _reduce_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
+    return out
+
+
+@triton.jit
+def _gemm_tma_kernel(x_desc, w_desc, out_ptr, M, K, stride_o, stride_split, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """_gemm_tc_kernel with both operands loaded by the Tensor Memory Accelerator (rows past M read as zeros)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    split = (pid // num_m) % SPLIT_K
+    pid_n = pid // (num_m * SPLIT_K)
+    k_per = K // SPLIT_K
+    k_start = split * k_per
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, k_per, BLOCK_K):
+        a = x_desc.load([pid_m * BLOCK_M, k_start + k])
+        b = w_desc.load([pid_n * BLOCK_N, k_start + k])
+        acc = tl.dot(a, b.T, acc)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dst = out_ptr + split.to(tl.int64) * stride_split + rows[:, None] * stride_o + cols[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
+
+
+def gemm_tma(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
+             partial: torch.Tensor | None = None) -> torch.Tensor:
+    """_gemm_tma_kernel's product (config as gemm's; host-side tensor descriptors)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    block_m, block_n, block_k, split_k, warps, stages = config
+    (m, k), n = x.shape, w.shape[0]
+    if k % (split_k * block_k) or n % block_n:
+        raise ValueError(f"gemm_tma: K {k} / N {n} do not divide by {split_k * block_k} / {block_n}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
+    grid = (triton.cdiv(m, block_m) * split_k * (n // block_n),)
+    dst = out
+    if split_k > 1:
+        dst = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if partial is None else partial
+    _gemm_tma_kernel[grid](x_desc, w_desc, dst, m, k, n if split_k > 1 else out.stride(0), m * n,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
+                           num_stages=stages)
+    if split_k > 1:
+        _reduce_splits_kernel[(triton.cdiv(m * n, 1024),)](dst, out, m * n, SPLIT_K=split_k, BLOCK=1024)
+    return out
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
@@ -226,6 +323,59 @@ def bench_blas(models: list[str], batches: list[int]) -> int:
     return 0
 
 
+WIDE_CONFIGS = [(m, n, 64, s, w, st) for m in (64, 128) for n in (64, 128, 256) for s in (1, 2, 4)
+                for w, st in ((4, 4), (4, 5), (8, 3), (8, 4))]
+TMA_CONFIGS = WIDE_CONFIGS + [(256, n, 64, s, 8, st) for n in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
+
+
+def bench_roofline(models: list[str], batches: list[int], with_triton: bool) -> int:
+    """cuBLAS (torch.mm, the engine's path above 4 rows) per layer shape and M against that call's own bound,
+    max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured here as `bench throughput` does; with
+    with_triton, also the best of WIDE_CONFIGS for gemm_tc (no masks along K and N) and TMA_CONFIGS for gemm_tma."""
+    from pagedllm.bench.roofline import measure_ceilings
+    ceil = measure_ceilings(torch.device("cuda"))
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    print(f"device {torch.cuda.get_device_name()}, copy {ceil.bandwidth / 1e12:.2f} TB/s, matmul "
+          f"{ceil.matmul_flops / 1e12:.0f} TFLOP/s; us a call")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'bound':>7} {'cuBLAS':>8} {'eff':>5}"
+          + ("  Triton (tc, tma): us, eff, config" if with_triton else ""))
+    for model in models:
+        shapes = dict(SHAPES[model], lm_head=(SHAPES[model]["qkv"][0], 151936))
+        for layer, (k, n) in shapes.items():
+            copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                bound = 1e6 * max((n * k + m * (k + n)) * 2 / ceil.bandwidth, 2 * m * n * k / ceil.matmul_flops)
+                cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
+                line = f"{model:>5} {layer:>8} {m:>4} {bound:>7.1f} {cublas:>8.1f} {100 * bound / cublas:>4.0f}%"
+                if with_triton and layer != "lm_head":
+                    ref = torch.mm(x, weights[0].t()).float()
+                    for name, fn, configs in (("tc", gemm_tc, WIDE_CONFIGS), ("tma", gemm_tma, TMA_CONFIGS)):
+                        best, error = (float("inf"), None), None
+                        for config in configs:
+                            partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
+                            try:
+                                if not torch.allclose(fn(x, weights[0], config, partial=partial).float(), ref,
+                                                      rtol=2e-2, atol=2e-2):
+                                    continue
+                                us = _graph_us(lambda i, c=config: fn(x, weights[i], c, out=out, partial=partial),
+                                               copies)
+                            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+                                error = error or f"{type(e).__name__}: {str(e)[:200]}"
+                                continue
+                            best = min(best, (us, config), key=lambda t: t[0])
+                        if best[1] is None:
+                            line += f" {name}: none ran ({error})"
+                            continue
+                        line += f" {name} {best[0]:>6.1f} {100 * bound / best[0]:>4.0f}% {best[1]}"
+                print(line, flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    return 0
+
+
 def bench_fused(models: list[str], batches: list[int]) -> int:
     """One decoder layer's linear work as the engine runs it: cuBLAS with the separate RMSNorm (+ residual) and
     SiLU-and-mul kernels, against fused_linear.py's four fused matmuls, in a replayed CUDA graph. Several
@@ -293,6 +443,8 @@ def main() -> int:
     parser.add_argument("--fused", action="store_true",
                         help="a whole layer: cuBLAS + separate norm/SiLU kernels against fused_linear.py")
     parser.add_argument("--blas", action="store_true", help="torch.mm under cuBLAS against cuBLASLt")
+    parser.add_argument("--roofline", action="store_true", help="cuBLAS against each call's own bound")
+    parser.add_argument("--triton", action="store_true", help="with --roofline: also a wide-tile Triton sweep")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -300,6 +452,8 @@ def main() -> int:
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
+    if args.roofline:
+        return bench_roofline(args.models.split(","), batches, args.triton)
     return (bench_fused if args.fused else bench_blas if args.blas else bench)(args.models.split(","), batches)
 
 
