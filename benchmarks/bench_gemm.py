@@ -14,6 +14,7 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
     python benchmarks/bench_gemm.py --fused --batches 1,8,16,32,64,128   # a whole layer, fused against unfused
     python benchmarks/bench_gemm.py --blas --batches 8,32,64,128,256     # torch.mm: cuBLAS against cuBLASLt
     python benchmarks/bench_gemm.py --roofline --batches 16,32,...,256 [--triton]   # each against its own bound
+    python benchmarks/bench_gemm.py --variants --batches 128,144,...,256   # cuBLAS on the product split or padded
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
 """
 from __future__ import annotations
@@ -376,6 +377,42 @@ def bench_roofline(models: list[str], batches: list[int], with_triton: bool) -> 
     return 0
 
 
+def bench_variants(models: list[str], batches: list[int]) -> int:
+    """cuBLAS picks its kernel by shape, and at some M it picks a slow one (--roofline). The same product issued
+    differently: whole, as two halves of N (two outputs), as two halves of K (mm then addmm into the same output),
+    or at a padded M (the next multiple of 64, and 256; the padding's copy not counted): us a call."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    print(f"device {torch.cuda.get_device_name()}; cuBLAS, us a call")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'whole':>7} {'N/2 x2':>7} {'K/2 x2':>7} {'M->64k':>7} {'M->256':>7}")
+    for model in models:
+        for layer, (k, n) in SHAPES[model].items():
+            copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            halves_n = [(w[: n // 2], w[n // 2:]) for w in weights]
+            halves_k = [(w[:, : k // 2], w[:, k // 2:]) for w in weights]
+            x_big = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
+            out_big = torch.empty(256, n, device="cuda", dtype=torch.bfloat16)
+            for m in batches:
+                x, out = x_big[:m], out_big[:m]
+                o1, o2 = torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16), torch.empty_like(out[:, : n // 2])
+                xk1, xk2 = x[:, : k // 2], x[:, k // 2:]
+
+                def split_k(i):
+                    torch.mm(xk1, halves_k[i][0].t(), out=out)
+                    torch.addmm(out, xk2, halves_k[i][1].t(), out=out)
+                times = [_graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies),
+                         _graph_us(lambda i: (torch.mm(x, halves_n[i][0].t(), out=o1),
+                                              torch.mm(x, halves_n[i][1].t(), out=o2)), copies),
+                         _graph_us(split_k, copies)]
+                for padded in (-(-m // 64) * 64, 256):
+                    times.append(_graph_us(lambda i, p=padded: torch.mm(x_big[:p], weights[i].t(), out=out_big[:p]),
+                                           copies))
+                print(f"{model:>5} {layer:>8} {m:>4} " + " ".join(f"{t:>7.1f}" for t in times), flush=True)
+            del weights, halves_n, halves_k
+            torch.cuda.empty_cache()
+    return 0
+
+
 def bench_fused(models: list[str], batches: list[int]) -> int:
     """One decoder layer's linear work as the engine runs it: cuBLAS with the separate RMSNorm (+ residual) and
     SiLU-and-mul kernels, against fused_linear.py's four fused matmuls, in a replayed CUDA graph. Several
@@ -445,6 +482,7 @@ def main() -> int:
     parser.add_argument("--blas", action="store_true", help="torch.mm under cuBLAS against cuBLASLt")
     parser.add_argument("--roofline", action="store_true", help="cuBLAS against each call's own bound")
     parser.add_argument("--triton", action="store_true", help="with --roofline: also a wide-tile Triton sweep")
+    parser.add_argument("--variants", action="store_true", help="cuBLAS on the same product split or padded")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -452,6 +490,8 @@ def main() -> int:
         print("bench_gemm: needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
+    if args.variants:
+        return bench_variants(args.models.split(","), batches)
     if args.roofline:
         return bench_roofline(args.models.split(","), batches, args.triton)
     return (bench_fused if args.fused else bench_blas if args.blas else bench)(args.models.split(","), batches)
