@@ -133,8 +133,6 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
         out = torch.empty_like(b.q)
         default_splits = choose_num_splits(batch, args.kv_heads, b.q.device)
         variants = [dict(num_splits=s) for s in sorted({1, 2, 4, 8, default_splits})]
-        if args.balance:  # the balanced split (chunks of one size), by programs an SM and key tile
-            variants += [dict(balance=p, block_n=bn) for p in (1, 2, 4, 8) for bn in (64, 128)]
         if args.tune:  # tile sweeps: (block_n, num_stages, num_warps) at 1 and 2 splits
             variants = [dict()] + [dict(num_splits=s, block_n=bn, num_stages=st, num_warps=w)
                                    for s in (1, 2) for bn, st, w in ((128, 2, 4), (128, 3, 8), (64, 2, 4),
@@ -142,7 +140,7 @@ def bench_decode_ragged(args, dtype, bandwidth: float, rows: list[dict]) -> None
                                                                     (32, 3, 4), (32, 4, 4))]
         for v in variants:
             ms = _graph_ms(_decode_call(b, out, batch, v), copies)
-            splits = "balanced" if "balance" in v else v.get("num_splits", default_splits)
+            splits = v.get("num_splits", default_splits)
             rows.append(dict(kind="decode ragged", batch=batch, context="100-1100", order=order, splits=splits,
                              config={k: x for k, x in v.items() if k != "num_splits"} or "default",
                              default=not v or v == dict(num_splits=default_splits), us=ms * 1e3,
@@ -212,7 +210,6 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="sweep kernel configurations")
     parser.add_argument("--ragged", action="store_true", help="only decode over ragged contexts, by split count")
-    parser.add_argument("--balance", action="store_true", help="with --ragged: also the balanced split")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -185,136 +185,6 @@ def _merge_splits_kernel(
     tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
 
 
-@triton.jit
-def _chunk_plan(seq_lens_ptr, num_seqs, num_slots, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The balanced split of a decode batch: every sequence's context cut into chunks of one size (a multiple of
-    ALIGN keys), small enough that the batch's chunks fill num_slots at most (sum(ceil(len / size)) <= total / size
-    + num_seqs <= num_slots). Returns (the chunk size, [BLOCK_S] sequence indices, each sequence's first slot and
-    its chunk count); a sequence's chunks take consecutive slots, in batch order. Every program computes it from
-    seq_lens itself, so the plan needs no host work and a graph replays it for any lengths."""
-    idx = tl.arange(0, BLOCK_S)
-    lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
-    target = num_slots - num_seqs
-    size = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(lens, 0), target), ALIGN), 1) * ALIGN
-    counts = tl.cdiv(lens, size)
-    return size, idx, tl.cumsum(counts, 0) - counts, counts
-
-
-@triton.jit
-def _decode_balanced_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr, scale_log2,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, head_dim, num_heads, group, num_seqs, num_slots,
-    BLOCK_G: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One chunk of _chunk_plan's split for one kv head: program (kv head, slot). Slots past the batch's last
-    chunk do nothing."""
-    kv_head = tl.program_id(0)
-    slot = tl.program_id(1)
-    size, idx, firsts, counts = _chunk_plan(seq_lens_ptr, num_seqs, num_slots, BLOCK_N, BLOCK_S)
-    seq = tl.sum((firsts + counts <= slot).to(tl.int32), 0)  # the sequences whose chunks all come before slot
-    if seq < num_seqs:
-        mine = idx == seq
-        start = (slot - tl.sum(tl.where(mine, firsts, 0), 0)) * size
-        seq_len = tl.load(seq_lens_ptr + seq)
-        end = tl.minimum(start + size, seq_len)
-        rows = tl.arange(0, BLOCK_G)
-        dims = tl.arange(0, D_PAD)
-        heads = kv_head * group + rows
-        row_mask = rows < group
-        dim_mask = dims < head_dim
-        q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D_PAD], tl.float32)
-        block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        for n0 in range(start, end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_mask = cols < end
-            block = tl.load(block_row + cols // BLOCK_SIZE, mask=col_mask, other=0).to(tl.int64)
-            base = block * stride_cb + (cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-            k_t = tl.load(k_cache_ptr + base[None, :] + dims[:, None],
-                          mask=col_mask[None, :] & dim_mask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + base[:, None] + dims[None, :],
-                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-            qk = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2
-            qk = tl.where(col_mask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp2(qk - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m_i = m_new
-        part = slot.to(tl.int64) * num_heads + heads  # part_out [num_slots, num_heads, D_PAD]
-        tl.store(part_out_ptr + part[:, None] * D_PAD + dims[None, :], acc / l_i[:, None],
-                 mask=row_mask[:, None] & dim_mask[None, :])
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_mask)
-
-
-@triton.jit
-def _merge_balanced_kernel(
-    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ot, stride_oh, head_dim, num_heads, num_seqs,
-    num_slots, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
-):
-    """out[seq, head] from the chunks _decode_balanced_kernel wrote for it; zeros for an empty sequence."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    size, idx, firsts, counts = _chunk_plan(seq_lens_ptr, num_seqs, num_slots, ALIGN, BLOCK_S)
-    mine = idx == seq
-    first = tl.sum(tl.where(mine, firsts, 0), 0)
-    count = tl.sum(tl.where(mine, counts, 0), 0)
-    dims = tl.arange(0, D_PAD)
-    m = tl.full([], float("-inf"), tl.float32)
-    total = tl.zeros([], tl.float32)
-    acc = tl.zeros([D_PAD], tl.float32)
-    for c0 in range(0, count, BLOCK_C):
-        chunk = c0 + tl.arange(0, BLOCK_C)
-        live = chunk < count
-        part = (first + chunk).to(tl.int64) * num_heads + head
-        lse = tl.load(part_lse_ptr + part, mask=live, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: every chunk holds keys
-        weight = tl.exp2(lse - m_new)
-        rescale = tl.exp2(m - m_new)
-        partial = tl.load(part_out_ptr + part[:, None] * D_PAD + dims[None, :], mask=live[:, None], other=0.0)
-        acc = acc * rescale + tl.sum(partial * weight[:, None], 0)
-        total = total * rescale + tl.sum(weight, 0)
-        m = m_new
-    result = acc / tl.where(total > 0, total, 1.0)
-    dst = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + dims
-    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
-
-
-def balanced_slots(num_seqs: int, num_kv_heads: int, programs_per_sm: int, device: torch.device) -> int:
-    """Chunk slots of the balanced split: about programs_per_sm programs an SM for the chunks of full size, plus
-    one per sequence for the partial chunk each may end with."""
-    return triton.cdiv(programs_per_sm * num_sms(device), num_kv_heads) + num_seqs
-
-
-def _launch_balanced(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, out: torch.Tensor, programs_per_sm: int, block_n: int, num_warps: int,
-                     num_stages: int) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = out.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    slots = balanced_slots(num_seqs, num_kv_heads, programs_per_sm, q.device)
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    block_s = max(16, triton.next_power_of_2(num_seqs))
-    part_out = torch.empty(slots, num_heads, d_pad, dtype=torch.float32, device=out.device)
-    part_lse = torch.empty(slots, num_heads, dtype=torch.float32, device=out.device)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _decode_balanced_kernel[(num_kv_heads, slots)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        head_dim, num_heads, num_heads // num_kv_heads, num_seqs, slots,
-        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, BLOCK_S=block_s, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
-        num_stages=num_stages)
-    _merge_balanced_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1), head_dim, num_heads, num_seqs, slots,
-        ALIGN=block_n, BLOCK_S=block_s, BLOCK_C=16, D_PAD=d_pad, num_warps=4)
-    return out
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Split the context when the batch alone leaves SMs idle: enough programs for about one wave over the SMs, a
     power of two, at most MAX_SPLITS. Between one and two waves, 2 splits even out the second wave's ragged tail
@@ -329,15 +199,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int | None = None, *, block_n: int | None = None,
-                 num_warps: int = 4, num_stages: int | None = None, balance: int | None = None) -> torch.Tensor:
+                 num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Attention of q [num_seqs, num_heads, head_dim] (one query per sequence, at position seq_len - 1) over the
     paged cache; writes out [num_seqs, num_heads, head_dim]. block_tables/seq_lens may have more rows than q.
-    num_splits / block_n / num_warps / num_stages override the tuned defaults (tests, benchmarks). balance: the
-    balanced split instead (_chunk_plan: chunks of one size, about `balance` programs an SM)."""
-    if balance is not None:
-        fp32 = q.dtype == torch.float32
-        return _launch_balanced(q, kv_cache, block_tables, seq_lens, scale, out, balance,
-                                block_n or (16 if fp32 else 128), num_warps, num_stages or (2 if fp32 else 3))
+    num_splits / block_n / num_warps / num_stages override the tuned defaults (tests, benchmarks)."""
     return _launch(q, q.stride(0), q.stride(1), q.shape[1], kv_cache, block_tables, seq_lens, scale, out, None,
                    num_splits, block_n, num_warps, num_stages)
 
