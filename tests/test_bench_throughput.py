@@ -27,6 +27,8 @@ def test_bench_throughput_reports_waste_and_hf_ratios(tiny_llama, tmp_path):
     expected = make_workload(6, 5, 40, 4, 12, 500)
     assert figures["output_tokens"] == expected.total_output_tokens and not figures["reference_workload"]
     assert figures["output_tok_s"] > 0 and 0 < figures["efficiency"]
+    # the bound with KV reads and matmuls one after the other: never above the roofline (test_roofline.py has more)
+    assert figures["serial_bound_tok_s"] <= figures["bound_tok_s"] and "one after the other" in result.stdout
     assert figures["bandwidth_gb_s"] == 10 and figures["matmul_tflops"] == 0.1
     assert 0 < figures["kv_fragmentation"] < figures["kv_waste_if_contiguous"] < 1
     assert figures["hf_requests"] == 3 and figures["hf_generate_tok_s"] > 0

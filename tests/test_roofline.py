@@ -28,3 +28,18 @@ def test_the_workload_bound_on_bytes_read():
         default = workload_bound_seconds(cfg, prompts, outputs, ceilings)
         strict = workload_bound_seconds(cfg, prompts, outputs, ceilings, weight_bytes=decode_read_bytes(cfg, 2))
         assert (strict == default) if tied else (0.85 * default < strict < default), (name, strict, default)
+
+
+def test_the_bound_without_overlap():
+    """KV reads and matmuls one after the other cost more only in steps whose matmuls are compute-bound: never at an
+    unbounded matmul rate, a little for Qwen3-8B's 256 requests at an H200's ceilings (its steps above ~190 rows)."""
+    from pagedllm.bench.roofline import Ceilings, workload_bound_seconds
+    from pagedllm.bench.throughput import make_workload
+    workload = make_workload()
+    prompts, outputs = [len(p) for p in workload.prompts], workload.max_tokens
+    cfg = ModelConfig.from_path(str(REPO / "benchmarks" / "configs" / "qwen3-8b"))
+    for rate, low, high in ((1e30, 1.0, 1.0 + 1e-9), (7.9e14, 1.005, 1.05)):
+        ceilings = Ceilings(bandwidth=4.2e12, matmul_flops=rate)
+        overlapped = workload_bound_seconds(cfg, prompts, outputs, ceilings)
+        serial = workload_bound_seconds(cfg, prompts, outputs, ceilings, overlap=False)
+        assert low * overlapped <= serial * (1 + 1e-12) and serial <= high * overlapped, (rate, serial, overlapped)

@@ -79,9 +79,13 @@ def decode_read_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
 
 
 def workload_bound_seconds(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int], ceilings: Ceilings,
-                           dtype_bytes: int = 2, max_num_seqs: int = 256, weight_bytes: float | None = None) -> float:
+                           dtype_bytes: int = 2, max_num_seqs: int = 256, weight_bytes: float | None = None,
+                           overlap: bool = True) -> float:
     """Lower bound on the workload's time with every request admitted as early as max_num_seqs allows. A decode
-    step moves weight_bytes (default: all weights, as design.md defines it; decode_read_bytes() is stricter)."""
+    step moves weight_bytes (default: all weights, as design.md defines it; decode_read_bytes() is stricter).
+    overlap=False bounds an engine that reads the KV cache (attention) and runs the matmuls one after the other,
+    each at its ceiling: a step takes KV bytes / bandwidth + max(weight bytes / bandwidth, flops / matmul rate)
+    instead of max(all bytes / bandwidth, flops / matmul rate)."""
     all_weight_bytes, flops_per_token, kv_per_token = model_sizes(cfg, dtype_bytes)
     weight_bytes = all_weight_bytes if weight_bytes is None else weight_bytes
     attn_flops_per_ctx = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # q.k and p.v per context token
@@ -93,7 +97,11 @@ def workload_bound_seconds(cfg: ModelConfig, prompt_lens: list[int], output_lens
         for step in range(1, max(outputs)):  # the first token comes from prefill
             active = [(p, o) for p, o in zip(prompts, outputs) if o > step]
             ctx = sum(p + step for p, _ in active)
-            bytes_moved = weight_bytes + ctx * kv_per_token
+            kv_bytes = ctx * kv_per_token
             flops = len(active) * flops_per_token + attn_flops_per_ctx * ctx
-            total += max(bytes_moved / ceilings.bandwidth, flops / ceilings.matmul_flops)
+            if overlap:
+                total += max((weight_bytes + kv_bytes) / ceilings.bandwidth, flops / ceilings.matmul_flops)
+            else:
+                total += kv_bytes / ceilings.bandwidth + max(weight_bytes / ceilings.bandwidth,
+                                                             flops / ceilings.matmul_flops)
     return total

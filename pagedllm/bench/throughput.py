@@ -117,6 +117,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
     read_bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings,
                                           dtype_bytes, args.max_num_seqs,
                                           weight_bytes=decode_read_bytes(engine.config.model, dtype_bytes))
+    serial_bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings,
+                                            dtype_bytes, args.max_num_seqs, overlap=False)
     result = dict(
         model=args.model, device=_device_name(device), dtype=str(engine.config.dtype), requests=args.num_requests,
         output_tokens=generated, reference_workload=generated == REFERENCE_TOTAL_OUTPUT_TOKENS,
@@ -124,6 +126,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
         bandwidth_gb_s=ceilings.bandwidth / 1e9, matmul_tflops=ceilings.matmul_flops / 1e12,
         bound_tok_s=generated / bound_s, efficiency=bound_s / elapsed,
         read_bound_tok_s=generated / read_bound_s, read_efficiency=read_bound_s / elapsed,
+        serial_bound_tok_s=generated / serial_bound_s, serial_efficiency=serial_bound_s / elapsed,
         preemptions=engine.scheduler.num_preemptions, kv_blocks=engine.kv_cache.num_blocks)
     if trace is not None:
         result["phases"] = trace.phases(engine.config.model, ceilings, dtype_bytes)
@@ -230,6 +233,9 @@ def format_result(r: dict) -> str:
              *([f"  on the bytes a decode step reads (all weights but the untied input embedding table): bound "
                 f"{r['read_bound_tok_s']:.0f} tok/s; efficiency {100 * r['read_efficiency']:.1f}%"]
                if r.get("read_bound_tok_s", r["bound_tok_s"]) > r["bound_tok_s"] else []),
+             *([f"  with attention's KV reads and the matmuls one after the other, each at its ceiling: bound "
+                f"{r['serial_bound_tok_s']:.0f} tok/s ({100 * r['serial_bound_tok_s'] / r['bound_tok_s']:.1f}% of the "
+                f"bound); efficiency {100 * r['serial_efficiency']:.1f}%"] if "serial_bound_tok_s" in r else []),
              f"KV waste: {100 * r['kv_fragmentation']:.1f}% of allocated slots empty (mean over steps); contiguous "
              f"reservation of max_model_len per sequence would leave {100 * r['kv_waste_if_contiguous']:.1f}% empty"]
     if r.get("phases"):
