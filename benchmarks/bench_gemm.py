@@ -74,17 +74,21 @@ def _reduce_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _gemm_tc_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o, stride_split,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """out = x @ w.T for K a multiple of SPLIT_K * BLOCK_K and N of BLOCK_N: no masks along K or N, so every load
-    is a full 16-byte vector that the pipeliner can prefetch. The M tiles of one N tile are neighbouring programs,
-    so each weight tile comes from HBM once and from the L2 for the others. SPLIT_K > 1 writes float32 partials
-    at out + split * stride_split."""
+def _wide_tile(M, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(M tile, K split, N tile) of this program: the M tiles of one N tile are neighbouring programs, so that each
+    weight tile comes from HBM once and from the L2 for the others."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    split = (pid // num_m) % SPLIT_K
-    pid_n = pid // (num_m * SPLIT_K)
+    return pid % num_m, (pid // num_m) % SPLIT_K, pid // (num_m * SPLIT_K)
+
+
+@triton.jit
+def _gemm_tc_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_x, stride_w, stride_o, stride_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out = x @ w.T for K a multiple of SPLIT_K * BLOCK_K and N of BLOCK_N: no masks along K or N, so every load
+    is a full 16-byte vector that the pipeliner can prefetch. SPLIT_K > 1 writes float32 partials at out + split *
+    stride_split."""
+    pid_m, split, pid_n = _wide_tile(M, BLOCK_M, SPLIT_K)
     k_per = K // SPLIT_K
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,36 +107,11 @@ def _gemm_tc_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemm_tc(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
-            partial: torch.Tensor | None = None) -> torch.Tensor:
-    """_gemm_tc_kernel's product (config as gemm's); raises ValueError where K or N do not divide."""
-    block_m, block_n, block_k, split_k, warps, stages = config
-    (m, k), n = x.shape, w.shape[0]
-    if k % (split_k * block_k) or n % block_n:
-        raise ValueError(f"gemm_tc: K {k} / N {n} do not divide by {split_k * block_k} / {block_n}")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    grid = (triton.cdiv(m, block_m) * split_k * (n // block_n),)
-    if split_k == 1:
-        _gemm_tc_kernel[grid](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), 0, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, num_warps=warps, num_stages=stages)
-        return out
-    if partial is None:
-        partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    _gemm_tc_kernel[grid](x, w, partial, m, n, k, x.stride(0), w.stride(0), n, m * n, BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-    _reduce_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
-    return out
-
-
 @triton.jit
 def _gemm_tma_kernel(x_desc, w_desc, out_ptr, M, K, stride_o, stride_split, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """_gemm_tc_kernel with both operands loaded by the Tensor Memory Accelerator (rows past M read as zeros)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    split = (pid // num_m) % SPLIT_K
-    pid_n = pid // (num_m * SPLIT_K)
+    pid_m, split, pid_n = _wide_tile(M, BLOCK_M, SPLIT_K)
     k_per = K // SPLIT_K
     k_start = split * k_per
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -146,24 +125,29 @@ def _gemm_tma_kernel(x_desc, w_desc, out_ptr, M, K, stride_o, stride_split, BLOC
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
 
 
-def gemm_tma(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
-             partial: torch.Tensor | None = None) -> torch.Tensor:
-    """_gemm_tma_kernel's product (config as gemm's; host-side tensor descriptors)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def gemm_wide(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | None = None,
+              partial: torch.Tensor | None = None, tma: bool = False) -> torch.Tensor:
+    """x @ w.T by _gemm_tc_kernel, or with tma by _gemm_tma_kernel (host-side tensor descriptors); config as gemm's.
+    Raises ValueError where K or N do not divide by the tiles."""
     block_m, block_n, block_k, split_k, warps, stages = config
     (m, k), n = x.shape, w.shape[0]
     if k % (split_k * block_k) or n % block_n:
-        raise ValueError(f"gemm_tma: K {k} / N {n} do not divide by {split_k * block_k} / {block_n}")
+        raise ValueError(f"gemm_wide: K {k} / N {n} do not divide by {split_k * block_k} / {block_n}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
-    w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
-    grid = (triton.cdiv(m, block_m) * split_k * (n // block_n),)
-    dst = out
+    dst, stride_o = out, out.stride(0)
     if split_k > 1:
         dst = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if partial is None else partial
-    _gemm_tma_kernel[grid](x_desc, w_desc, dst, m, k, n if split_k > 1 else out.stride(0), m * n,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
-                           num_stages=stages)
+        stride_o = n
+    grid = (triton.cdiv(m, block_m) * split_k * (n // block_n),)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
+                 num_stages=stages)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        _gemm_tma_kernel[grid](TensorDescriptor.from_tensor(x, [block_m, block_k]),
+                               TensorDescriptor.from_tensor(w, [block_n, block_k]), dst, m, k, stride_o, m * n,
+                               **tiles)
+    else:
+        _gemm_tc_kernel[grid](x, w, dst, m, k, x.stride(0), w.stride(0), stride_o, m * n, **tiles)
     if split_k > 1:
         _reduce_splits_kernel[(triton.cdiv(m * n, 1024),)](dst, out, m * n, SPLIT_K=split_k, BLOCK=1024)
     return out
@@ -206,6 +190,14 @@ def check() -> int:
             err = float((out.double() - ref).norm() / ref.norm())
             worst = max(worst, err)
             print(f"M {m} K {k} N {n} config {config}: relative error {err:.1e}")
+    for m, k, n in ((5, 64, 32), (17, 128, 64)):  # gemm_wide needs K and N that divide by its tiles
+        x = torch.randn(m, k, generator=gen).to(device)
+        w = torch.randn(n, k, generator=gen).to(device)
+        ref = x.double() @ w.double().t()
+        for config, tma in itertools.product(((16, 32, 16, 1, 4, 2), (16, 32, 16, 2, 4, 2)), (False, True)):
+            err = float((gemm_wide(x, w, config, tma=tma).double() - ref).norm() / ref.norm())
+            worst = max(worst, err)
+            print(f"wide{' tma' if tma else ''} M {m} K {k} N {n} config {config}: relative error {err:.1e}")
     worst = max(worst, check_fused(device, gen))
     print(f"worst {worst:.1e}")
     return 0 if worst < 1e-5 else 1
@@ -251,6 +243,22 @@ def _graph_us(fn, copies: int) -> float:
     return 1e3 * _graph_ms(fn, copies)
 
 
+def _layer_cases(models: list[str], batches: list[int], lm_head: bool = True):
+    """(model, layer, M, x [M, K], out [M, N], weights, copies) for each layer shape (and the lm_head's) and M, with
+    enough bf16 copies of the weight that the L2 cannot hold them (decode reads weights from HBM)."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    for model in models:
+        shapes = dict(SHAPES[model], **({"lm_head": (SHAPES[model]["qkv"][0], 151936)} if lm_head else {}))
+        for layer, (k, n) in shapes.items():
+            copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                yield model, layer, m, x, torch.empty(m, n, device="cuda", dtype=torch.bfloat16), weights, copies
+            del weights
+            torch.cuda.empty_cache()
+
+
 def bench(models: list[str], batches: list[int]) -> int:
     import torch.nn.functional as F
     src = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")
@@ -258,67 +266,47 @@ def bench(models: list[str], batches: list[int]) -> int:
     copy_us = _graph_us(lambda i: dst.copy_(src), 1)
     bandwidth = 2 * src.numel() / (copy_us * 1e-6)
     del src, dst
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     print(f"device {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; times per call, us")
     print(f"{'model':>5} {'layer':>8} {'M':>4} {'cuBLAS':>8} {'% bw':>5} {'Triton':>8} {'% bw':>5} {'speed-up':>8}"
           "  config")
-    for model in models:
-        for layer, (k, n) in SHAPES[model].items():
-            weight_bytes = n * k * 2
-            copies = max(1, min(32, -(-3 * l2 // weight_bytes)))
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            for m in batches:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                nbytes = weight_bytes + 2 * m * (k + n)
-                cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
-                ref = F.linear(x, weights[0]).float()
-                best = (float("inf"), None)
-                for config in CONFIGS:
-                    if (config[0] > 16 and m <= 16) or config[2] * config[3] > k:  # same as BLOCK_M 16; empty splits
-                        continue
-                    partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
-                    try:
-                        got = gemm(x, weights[0], config, partial=partial).float()
-                        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2):
-                            continue
-                        us = _graph_us(lambda i, c=config: gemm(x, weights[i], c, out=out, partial=partial), copies)
-                    except Exception:  # noqa: BLE001 - a configuration that does not compile is skipped
-                        continue
-                    best = min(best, (us, config), key=lambda t: t[0])
-                triton_us, config = best
-                pct = [100 * nbytes / (us * 1e-6) / bandwidth for us in (cublas, triton_us)]
-                print(f"{model:>5} {layer:>8} {m:>4} {cublas:>8.1f} {pct[0]:>4.0f}% {triton_us:>8.1f} {pct[1]:>4.0f}% "
-                      f"{cublas / triton_us:>7.2f}x  {config}")
-            del weights
-            torch.cuda.empty_cache()
+    for model, layer, m, x, out, weights, copies in _layer_cases(models, batches, lm_head=False):
+        n, k = weights[0].shape
+        nbytes = 2 * (n * k + m * (k + n))
+        cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
+        ref = F.linear(x, weights[0]).float()
+        best = (float("inf"), None)
+        for config in CONFIGS:
+            if (config[0] > 16 and m <= 16) or config[2] * config[3] > k:  # same as BLOCK_M 16; empty splits
+                continue
+            partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
+            try:
+                got = gemm(x, weights[0], config, partial=partial).float()
+                if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2):
+                    continue
+                us = _graph_us(lambda i, c=config: gemm(x, weights[i], c, out=out, partial=partial), copies)
+            except Exception:  # noqa: BLE001 - a configuration that does not compile is skipped
+                continue
+            best = min(best, (us, config), key=lambda t: t[0])
+        triton_us, config = best
+        pct = [100 * nbytes / (us * 1e-6) / bandwidth for us in (cublas, triton_us)]
+        print(f"{model:>5} {layer:>8} {m:>4} {cublas:>8.1f} {pct[0]:>4.0f}% {triton_us:>8.1f} {pct[1]:>4.0f}% "
+              f"{cublas / triton_us:>7.2f}x  {config}")
     return 0
 
 
 def bench_blas(models: list[str], batches: list[int]) -> int:
     """torch.mm under each of torch's BLAS back-ends (cuBLAS, what the engine gets by default, and cuBLASLt), per
     layer shape (and the lm_head's) and M, in replayed graphs over L2-defeating weight copies: us a call."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
-    vocab = 151936
     print(f"device {torch.cuda.get_device_name()}; torch.mm, us a call")
     print(f"{'model':>5} {'layer':>8} {'M':>4} {'cublas':>8} {'cublaslt':>8}")
     default = torch.backends.cuda.preferred_blas_library()
     try:
-        for model in models:
-            shapes = dict(SHAPES[model], lm_head=(SHAPES[model]["qkv"][0], vocab))
-            for layer, (k, n) in shapes.items():
-                copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
-                weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-                for m in batches:
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                    times = []
-                    for library in ("cublas", "cublaslt"):
-                        torch.backends.cuda.preferred_blas_library(library)
-                        times.append(_graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies))
-                    print(f"{model:>5} {layer:>8} {m:>4} {times[0]:>8.1f} {times[1]:>8.1f}")
-                del weights
-                torch.cuda.empty_cache()
+        for model, layer, m, x, out, weights, copies in _layer_cases(models, batches):
+            times = []
+            for library in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(library)
+                times.append(_graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies))
+            print(f"{model:>5} {layer:>8} {m:>4} {times[0]:>8.1f} {times[1]:>8.1f}")
     finally:
         torch.backends.cuda.preferred_blas_library(default)
     return 0
@@ -332,49 +320,46 @@ TMA_CONFIGS = WIDE_CONFIGS + [(256, n, 64, s, 8, st) for n in (64, 128) for s in
 def bench_roofline(models: list[str], batches: list[int], with_triton: bool) -> int:
     """cuBLAS (torch.mm, the engine's path above 4 rows) per layer shape and M against that call's own bound,
     max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured here as `bench throughput` does; with
-    with_triton, also the best of WIDE_CONFIGS for gemm_tc (no masks along K and N) and TMA_CONFIGS for gemm_tma."""
+    with_triton, also the best of WIDE_CONFIGS for gemm_wide without TMA (no masks along K and N) and of
+    TMA_CONFIGS with it."""
     from pagedllm.bench.roofline import measure_ceilings
     ceil = measure_ceilings(torch.device("cuda"))
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     print(f"device {torch.cuda.get_device_name()}, copy {ceil.bandwidth / 1e12:.2f} TB/s, matmul "
           f"{ceil.matmul_flops / 1e12:.0f} TFLOP/s; us a call")
     print(f"{'model':>5} {'layer':>8} {'M':>4} {'bound':>7} {'cuBLAS':>8} {'eff':>5}"
           + ("  Triton (tc, tma): us, eff, config" if with_triton else ""))
-    for model in models:
-        shapes = dict(SHAPES[model], lm_head=(SHAPES[model]["qkv"][0], 151936))
-        for layer, (k, n) in shapes.items():
-            copies = max(1, min(32, -(-3 * l2 // (n * k * 2))))
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            for m in batches:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                bound = 1e6 * max((n * k + m * (k + n)) * 2 / ceil.bandwidth, 2 * m * n * k / ceil.matmul_flops)
-                cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
-                line = f"{model:>5} {layer:>8} {m:>4} {bound:>7.1f} {cublas:>8.1f} {100 * bound / cublas:>4.0f}%"
-                if with_triton and layer != "lm_head":
-                    ref = torch.mm(x, weights[0].t()).float()
-                    for name, fn, configs in (("tc", gemm_tc, WIDE_CONFIGS), ("tma", gemm_tma, TMA_CONFIGS)):
-                        best, error = (float("inf"), None), None
-                        for config in configs:
-                            partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
-                            try:
-                                if not torch.allclose(fn(x, weights[0], config, partial=partial).float(), ref,
-                                                      rtol=2e-2, atol=2e-2):
-                                    continue
-                                us = _graph_us(lambda i, c=config: fn(x, weights[i], c, out=out, partial=partial),
-                                               copies)
-                            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
-                                error = error or f"{type(e).__name__}: {str(e)[:200]}"
-                                continue
-                            best = min(best, (us, config), key=lambda t: t[0])
-                        if best[1] is None:
-                            line += f" {name}: none ran ({error})"
-                            continue
-                        line += f" {name} {best[0]:>6.1f} {100 * bound / best[0]:>4.0f}% {best[1]}"
-                print(line, flush=True)
-            del weights
-            torch.cuda.empty_cache()
+    for model, layer, m, x, out, weights, copies in _layer_cases(models, batches):
+        n, k = weights[0].shape
+        bound = 1e6 * max((n * k + m * (k + n)) * 2 / ceil.bandwidth, 2 * m * n * k / ceil.matmul_flops)
+        cublas = _graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies)
+        line = f"{model:>5} {layer:>8} {m:>4} {bound:>7.1f} {cublas:>8.1f} {100 * bound / cublas:>4.0f}%"
+        if with_triton and layer != "lm_head":
+            line += _best_wide(x, weights, out, copies, bound)
+        print(line, flush=True)
     return 0
+
+
+def _best_wide(x: torch.Tensor, weights: list, out: torch.Tensor, copies: int, bound: float) -> str:
+    """' tc US EFF CONFIG tma US EFF CONFIG': the fastest correct config of gemm_wide without and with TMA."""
+    (m, n), ref = out.shape, torch.mm(x, weights[0].t()).float()
+    line = ""
+    for name, tma, configs in (("tc", False, WIDE_CONFIGS), ("tma", True, TMA_CONFIGS)):
+        best, error = (float("inf"), None), None
+        for config in configs:
+            partial = torch.empty(config[3], m, n, dtype=torch.float32, device="cuda")
+            try:
+                got = gemm_wide(x, weights[0], config, partial=partial, tma=tma)
+                if not torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2):
+                    continue
+                us = _graph_us(lambda i, c=config, t=tma: gemm_wide(x, weights[i], c, out=out, partial=partial,
+                                                                    tma=t), copies)
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+                error = error or f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            best = min(best, (us, config), key=lambda t: t[0])
+        line += f" {name}: none ran ({error})" if best[1] is None else \
+            f" {name} {best[0]:>6.1f} {100 * bound / best[0]:>4.0f}% {best[1]}"
+    return line
 
 
 def bench_variants(models: list[str], batches: list[int]) -> int:
