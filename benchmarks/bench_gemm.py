@@ -85,9 +85,9 @@ def _wide_tile(M, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
 @triton.jit
 def _gemm_tc_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_x, stride_w, stride_o, stride_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """out = x @ w.T for K a multiple of SPLIT_K * BLOCK_K and N of BLOCK_N: no masks along K or N, so every load
-    is a full 16-byte vector that the pipeliner can prefetch. SPLIT_K > 1 writes float32 partials at out + split *
-    stride_split."""
+    """out = x @ w.T for K a multiple of SPLIT_K * BLOCK_K and N of BLOCK_N, so that only the rows past M are
+    masked; tiles up to 128 x 256 (gemm's sweep stops at 64 x 128). SPLIT_K > 1 writes float32 partials at out +
+    split * stride_split."""
     pid_m, split, pid_n = _wide_tile(M, BLOCK_M, SPLIT_K)
     k_per = K // SPLIT_K
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

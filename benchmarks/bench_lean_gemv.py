@@ -1,9 +1,10 @@
 """Would a dot-free GEMV stream batch-1 weights faster than the engine's (layers/triton_gemv.py)? Qwen3-8B's layer
 shapes on one CUDA GPU, each alone, at one row. An experiment, not used by the engine.
 
-The engine's GEMV pads the row to 16 for tl.dot. Compiled offline for sm_90 (Triton 3.9), its variants take up to
-255 registers a thread and the fused ones spill (qkv with the norm: a 632-byte stack), with the weight tiles in
-flight held in registers. The kernel below multiplies the weight tile by the row in registers and sums once after
+The engine's GEMV pads the row to 16 for tl.dot. The motive for this kernel was an offline compile for sm_90 in
+which the engine's variants took up to 255 registers a thread and the fused ones spilled; that compile lacked the
+divisibility marks Triton's launcher gives the arguments, and with them (benchmarks/kernel_resources.py) they take
+64-184 registers and no stack, their weight tiles pipelined through shared memory. The kernel below multiplies the weight tile by the row in registers and sums once after
 the loop, with no padding. Each config is timed over enough weight copies (one CUDA graph) that the L2 holds none.
 On an H200 it was 0.3-1.2 us faster per layer shape alone, but a dot-free kernel with the engine's fusions (the
 norm, SiLU-and-mul) was slower than the engine's inside Qwen3-8B's whole layer (docs/benchmarks.md).

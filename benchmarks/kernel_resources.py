@@ -1,6 +1,7 @@
 """Registers, stack (spills) and shared memory a thread of the engine's hot Triton kernels takes on Hopper, without a
 GPU: each kernel is compiled offline for sm_90 with the local Triton (whose bundled ptxas and cuobjdump need no
-driver) at the configs the engine picks for Qwen3-8B's shapes. The device's Triton may compile differently; these
+driver) at the configs the engine picks for Qwen3-8B's shapes, with the divisibility marks the device's launcher
+gives its arguments (NOT_DIVISIBLE). The device's Triton may compile differently; these
 are hints for where a kernel runs out of registers, not measurements of the device.
 
     python benchmarks/kernel_resources.py
@@ -22,14 +23,22 @@ POINTER_TYPES = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "positions_
                  "slot_mapping_ptr": "*i64", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "cos_ptr": "*fp32",
                  "sin_ptr": "*fp32"}
 FLOAT_ARGS = {"eps", "scale_log2"}
+# Integer arguments that are not multiples of 16 at Qwen3-8B's shapes (rows, kv heads, GQA group). Triton's launcher
+# marks every other one, and every pointer, divisible by 16 (it specialises on that), and the marks decide whether
+# the loads are vectorised and pipelined: without them the decode kernel compiles to 2-byte loads and no cp.async.
+NOT_DIVISIBLE = {"M", "num_kv_heads", "group"}
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
-    """'REG:n STACK:n SHARED:n' of fn compiled for sm_90 with these constexprs (other ints i32, pointers bf16)."""
+    """'REG:n STACK:n SHARED:n DYNAMIC:n' of fn compiled for sm_90 with these constexprs (other ints i32, pointers
+    bf16): registers a thread, stack (spills), static shared memory, and the dynamic shared memory Triton's
+    pipelines take (bytes a program)."""
     signature = {name: "constexpr" if name in constexprs else POINTER_TYPES.get(name, "*bf16")
                  if name.endswith("_ptr") else "fp32" if name in FLOAT_ARGS else "i32" for name in fn.arg_names}
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name] != "constexpr" and name not in FLOAT_ARGS | NOT_DIVISIBLE}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -38,7 +47,7 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
         dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
     found = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+", dump)
-    return found.group(0) if found else "?"
+    return f"{found.group(0) if found else '?'} DYNAMIC:{kernel.metadata.shared}"
 
 
 def main() -> int:
