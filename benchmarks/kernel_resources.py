@@ -5,6 +5,10 @@ gives its arguments (NOT_DIVISIBLE). The device's Triton may compile differently
 are hints for where a kernel runs out of registers, not measurements of the device.
 
     python benchmarks/kernel_resources.py
+    python benchmarks/kernel_resources.py --device     # on a GPU: the same kernels as the engine compiled them
+
+With --device it runs a batch-1 decode of Qwen3-8B (dummy weights) through the engine, then prints each compiled
+variant of these kernels from Triton's caches: registers, spills and shared memory as the device's Triton made them.
 """
 from __future__ import annotations
 
@@ -76,5 +80,24 @@ def main() -> int:
     return 0
 
 
+def on_device() -> int:
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.attention import triton_decode
+    from pagedllm.layers import triton_gemv
+    llm = LLM(str(Path(__file__).resolve().parent / "configs" / "qwen3-8b"), load_format="dummy", max_model_len=1024, skip_tokenizer_init=True)
+    llm.generate([{"prompt_token_ids": list(range(1, 513))}], SamplingParams(max_tokens=8, temperature=0),
+                 use_tqdm=False)
+    for fn in (triton_gemv._gemv_kernel, triton_decode._decode_kernel, triton_decode._merge_splits_kernel):
+        for caches in fn.device_caches.values():
+            for kernel in caches[0].values():
+                kernel._init_handles()  # loads the binary, which sets n_regs and n_spills
+                names = [fn.arg_names[k[0]] if isinstance(k, tuple) else str(k)
+                         for k in getattr(kernel.src, "constants", {})]
+                flags = {n: v for n, v in zip(names, getattr(kernel.src, "constants", {}).values()) if n.isupper()}
+                print(f"{fn.__name__:<22} REG:{getattr(kernel, 'n_regs', '?')} SPILLS:{getattr(kernel, 'n_spills', '?')}"
+                      f" DYNAMIC:{kernel.metadata.shared} warps {kernel.metadata.num_warps} {flags}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(on_device() if "--device" in sys.argv[1:] else main())
