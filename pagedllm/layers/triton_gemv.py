@@ -43,10 +43,7 @@ def _x_tiles(x_rows, r_rows, norm_ptr, kk, row_mask, K, HAS_RESIDUAL: tl.constex
 def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, up_offset,
                  stride_x, stride_r, stride_nr, stride_w, stride_o, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                 USE_GDC: tl.constexpr):
-    if USE_GDC:  # launched early (programmatic dependent launch): wait for the kernel before, whose output is x
-        tl.extra.cuda.gdc_wait()
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,8 +80,6 @@ def _gemv_kernel(x_ptr, res_ptr, new_res_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr
         if SILU_MUL:
             b_up = tl.load(up_rows + kk[None, :], mask=col_mask & k_mask, other=0.0)
             acc_up += tl.dot(a, tl.trans(b_up), input_precision=PRECISION)
-    if USE_GDC:  # the next kernel may launch now; it waits for this one to finish before it reads
-        tl.extra.cuda.gdc_launch_dependents()
     if NORM:
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
         acc *= rstd[:, None]
@@ -150,6 +145,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out.stride(0), eps,
         HAS_BIAS=bias is not None, NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         SILU_MUL=silu_and_mul, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), USE_GDC=x.is_cuda, num_warps=warps, num_stages=stages,
-        **({"launch_pdl": True} if x.is_cuda else {}))
+        PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return (out, new_residual) if residual is not None else out
