@@ -1,8 +1,8 @@
 """Registers, stack (spills) and shared memory a thread of the engine's hot Triton kernels takes on Hopper, without a
 GPU: each kernel is compiled offline for sm_90 with the local Triton (whose bundled ptxas and cuobjdump need no
 driver) at the configs the engine picks for Qwen3-8B's shapes, with the divisibility marks the device's launcher
-gives its arguments (NOT_DIVISIBLE). The device's Triton may compile differently; these
-are hints for where a kernel runs out of registers, not measurements of the device.
+gives its arguments (NOT_DIVISIBLE). The device's Triton may compile differently; these are hints for where a kernel
+runs out of registers, not measurements of the device (--device measures them).
 
     python benchmarks/kernel_resources.py
     python benchmarks/kernel_resources.py --device     # on a GPU: the same kernels as the engine compiled them
@@ -84,18 +84,20 @@ def on_device() -> int:
     from pagedllm import LLM, SamplingParams
     from pagedllm.attention import triton_decode
     from pagedllm.layers import triton_gemv
-    llm = LLM(str(Path(__file__).resolve().parent / "configs" / "qwen3-8b"), load_format="dummy", max_model_len=1024, skip_tokenizer_init=True)
+    llm = LLM(str(Path(__file__).resolve().parent / "configs" / "qwen3-8b"), load_format="dummy", max_model_len=1024,
+              skip_tokenizer_init=True)
     llm.generate([{"prompt_token_ids": list(range(1, 513))}], SamplingParams(max_tokens=8, temperature=0),
                  use_tqdm=False)
     for fn in (triton_gemv._gemv_kernel, triton_decode._decode_kernel, triton_decode._merge_splits_kernel):
         for caches in fn.device_caches.values():
             for kernel in caches[0].values():
                 kernel._init_handles()  # loads the binary, which sets n_regs and n_spills
-                names = [fn.arg_names[k[0]] if isinstance(k, tuple) else str(k)
-                         for k in getattr(kernel.src, "constants", {})]
-                flags = {n: v for n, v in zip(names, getattr(kernel.src, "constants", {}).values()) if n.isupper()}
-                print(f"{fn.__name__:<22} REG:{getattr(kernel, 'n_regs', '?')} SPILLS:{getattr(kernel, 'n_spills', '?')}"
-                      f" DYNAMIC:{kernel.metadata.shared} warps {kernel.metadata.num_warps} {flags}")
+                constants = getattr(kernel.src, "constants", {})  # keyed by (argument index,) or by name
+                names = [fn.arg_names[k[0]] if isinstance(k, tuple) else str(k) for k in constants]
+                flags = {n: v for n, v in zip(names, constants.values()) if n.isupper()}
+                print(f"{fn.__name__:<22} REG:{getattr(kernel, 'n_regs', '?')} "
+                      f"SPILLS:{getattr(kernel, 'n_spills', '?')} DYNAMIC:{kernel.metadata.shared} "
+                      f"warps {kernel.metadata.num_warps} {flags}")
     return 0
 
 
