@@ -70,8 +70,7 @@ def _qkv_step_checks(emit) -> None:
     """Attention straight from qkv against the layers' torch code: the decode kernel that norms, rotates and writes
     K/V itself (splits, GQA, a head_dim that pads, graph padding, a context of two tokens, key tiles wider than a
     page, with chunks of whole tiles and, from SMALL_TILE_SPLITS splits, of whole pages; 32-key tiles at 32 splits),
-    and the backend's
-    attend_qkv over decodes with prefills beside them, both routes."""
+    and the backend's attend_qkv over decodes with prefills beside them, both routes."""
     import torch
 
     from pagedllm.attention import triton_backend

@@ -68,10 +68,7 @@ class InputBuffers:
         """Byte offsets of ids, positions, slots, query_start_loc, seq_lens, block tables; and the end. Each starts
         at a multiple of ALIGN bytes: Triton specialises a kernel on its pointers' 16-byte alignment, so an offset
         that moved with the step's sizes would compile new variants in the middle of a run."""
-        offsets = [0]
-        for size in (8 * tokens, 8 * tokens, 8 * tokens, 4 * (seqs + 1), 4 * seqs, 4 * seqs * width):
-            offsets.append(offsets[-1] + round_up(size, ALIGN))
-        return offsets
+        return aligned_offsets([8 * tokens, 8 * tokens, 8 * tokens, 4 * (seqs + 1), 4 * seqs, 4 * seqs * width])
 
     @staticmethod
     def _views(buffer: torch.Tensor, offsets: list[int], tokens: int, seqs: int, width: int):
@@ -121,6 +118,15 @@ class InputBuffers:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def aligned_offsets(sizes: list[int]) -> list[int]:
+    """Byte offsets of spans of these sizes packed one after another, each starting at a multiple of ALIGN, and the
+    end: the layout of every packed buffer a step sends to the device."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + round_up(size, ALIGN))
+    return offsets
 
 
 def slots_of(table: list[int], start: int, end: int, block_size: int) -> list[int]:

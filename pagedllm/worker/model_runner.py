@@ -18,7 +18,7 @@ from pagedllm.model.registry import get_model_class
 from pagedllm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.sampling.seeds import mix_seed
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
-from pagedllm.worker.input_batch import ALIGN, InputBuffers, StepInputs, round_up, slots_of
+from pagedllm.worker.input_batch import InputBuffers, StepInputs, aligned_offsets, slots_of
 from pagedllm.worker.loader import init_dummy_weights, iterate_checkpoint
 from pagedllm.worker.token_history import TokenHistory
 
@@ -389,12 +389,10 @@ class ModelRunner:
         """Lists of per-row values as device tensors of the given dtypes, in one copy through pinned memory."""
         if self.device.type != "cuda" or not columns:
             return [torch.tensor(values, dtype=dtype) for values, dtype in columns]
-        spans, end = [], 0
-        for values, dtype in columns:
-            size = len(values) * dtype.itemsize
-            spans.append((end, end + size))
-            end += round_up(size, ALIGN)  # aligned as the kernels' variants expect (input_batch.ALIGN)
-        host = torch.empty(end, dtype=torch.uint8, pin_memory=True)
+        sizes = [len(values) * dtype.itemsize for values, dtype in columns]
+        offsets = aligned_offsets(sizes)  # aligned as the kernels' variants expect, as the step's inputs are
+        spans = [(start, start + size) for start, size in zip(offsets, sizes)]
+        host = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=True)
         for (start, stop), (values, dtype) in zip(spans, columns):
             host[start:stop].view(dtype).numpy()[:] = values
         device = host.to(self.device, non_blocking=True)
