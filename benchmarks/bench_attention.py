@@ -166,11 +166,17 @@ def bench_prefill(args, dtype, rows: list[dict]) -> None:
         "chunk 512 on 3584": [(512, 4096)] * 4,
         "ragged 16 prompts": [(n, n) for n in (100, 1000, 37, 512, 2000, 300, 64, 800, 1500, 5, 250, 700, 128,
                                                999, 1200, 40)],
+        # one prefill step of the reference workload: prompts of 100-1,024 tokens filling 8,192
+        "workload step": [(n, n) for n in (907, 214, 633, 1020, 388, 745, 129, 556, 871, 302, 990, 467, 688, 282)],
     }
-    tiles = [None]
+    # (rows, BLOCK_N, num_warps, num_stages), and the query heads a program takes (None: the kernel's choice)
+    tiles = [(None, None)]
     if args.tune:
-        tiles += [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
-                  (64, 128, 4, 2)]
+        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
+                  (128, 128, 8, 2), (128, 64, 8, 2)]
+        group = args.heads // args.kv_heads
+        tiles += [(shape, h) for shape in shapes for h in (1, 2, 4, 8)
+                  if group % h == 0 and shape[0] // h >= 16]
     for name, lens in cases.items():
         b = make_paged_batch(lens, 0, args.heads, args.kv_heads, args.head_dim, args.block_size, dtype, "cuda",
                              gen, fill_cache=False)
@@ -178,10 +184,10 @@ def bench_prefill(args, dtype, rows: list[dict]) -> None:
         out = torch.empty_like(b.q)
         flops = 4 * _visible_pairs(lens) * args.head_dim * args.heads
         scale = args.head_dim ** -0.5
-        for tile in tiles:
+        for tile, heads in tiles:
             ms = _bench(lambda: paged_prefill(b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                              scale, out, tile=tile))
-            rows.append(dict(kind="prefill", case=name, config=tile or "default", ms=ms,
+                                              scale, out, tile=tile, heads=heads))
+            rows.append(dict(kind="prefill", case=name, config=f"{tile} x{heads}" if tile else "default", ms=ms,
                              tflops=flops / (ms * 1e-3) / 1e12))
         if all(q == s for q, s in lens) and len(set(lens)) == 1:
             # Peer: torch SDPA (flash) on dense [batch, heads, len, dim] tensors of the same shape, causal.
@@ -210,6 +216,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="sweep kernel configurations")
     parser.add_argument("--ragged", action="store_true", help="only decode over ragged contexts, by split count")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill kernel")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -233,7 +240,8 @@ def main() -> int:
                 print(f"{r['batch']:>6} {r['order']:>13} {r['splits']:>6}{'*' if r['default'] else ' '}"
                       f"{r['us']:>8.1f} {r['gbps']:>8.0f} {r['pct_bw']:>9.0f}%  {r['config']}")
         return 0
-    bench_decode(args, dtype, bandwidth, rows)
+    if not args.prefill_only:
+        bench_decode(args, dtype, bandwidth, rows)
     bench_prefill(args, dtype, rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -248,6 +256,9 @@ def main() -> int:
                 best[key] = (score, r["config"])
         for key, (score, config) in best.items():
             print(f"  {key}: {score:.1f} with {config}")
+        for case in dict.fromkeys(r["case"] for r in rows if r["kind"] == "prefill"):
+            ranked = sorted((r for r in rows if r.get("case") == case), key=lambda r: -r["tflops"])
+            print(f"  prefill {case}: " + ", ".join(f"{r['config']} {r['tflops']:.0f}" for r in ranked[:6]))
     print("\ndecode (default config)")
     print(f"{'batch':>6} {'context':>8} {'splits':>6} {'graph us':>9} {'GB/s':>8} {'% copy bw':>10} {'eager us':>9}")
     for r in rows:

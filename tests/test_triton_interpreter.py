@@ -65,6 +65,18 @@ def _attention_checks(emit) -> None:
             rows = slice(batch.meta.query_start_loc_cpu[nd], None)
             emit(f"prefill_tile16[{idx}]", rel=_rel(pre[rows], ref[rows]), finite=bool(pre[rows].isfinite().all()))
 
+    # Several query heads of one kv head in a program (GQA 4): one, two or four heads, chunked prefill beside a
+    # decode row that must stay untouched.
+    lens = [(1, 9), (37, 37), (20, 53), (5, 70)]
+    batch = make_paged_batch(lens, 1, 8, 2, 16, 16, torch.float32, "cpu", gen)
+    ref = paged_attention_ref(batch.q.double(), batch.kv_cache, batch.meta, 0.25)
+    for heads in (1, 2, 4):
+        pre = torch.full_like(batch.q, float("nan"))
+        paged_prefill(batch.q, batch.kv_cache, batch.meta.query_start_loc, batch.meta.seq_lens,
+                      batch.meta.block_tables, 0.25, pre, first_seq=1, tile=(64, 16, 4, 1), heads=heads)
+        emit(f"prefill_heads{heads}", rel=_rel(pre[1:], ref[1:]), finite=bool(pre[1:].isfinite().all()),
+             exact=bool(pre[0].isnan().all()))
+
 
 def _qkv_step_checks(emit) -> None:
     """Attention straight from qkv against the layers' torch code: the decode kernel that norms, rotates and writes
@@ -291,6 +303,23 @@ def test_decode_split_policy():
     cpu = torch.device("cpu")
     assert [choose_num_splits(seqs, 1, cpu) for seqs in (1, 2, 3, 4, 5, 7, 8, 64)] == [4, 2, 2, 2, 2, 2, 1, 1]
     assert choose_num_splits(1, 2, cpu) == 2 and choose_num_splits(4, 2, cpu) == 1
+
+
+def test_prefill_heads_per_program():
+    """A prefill program takes the largest power of two of its GQA group's heads that leaves 16 tokens a tile;
+    a request for heads that do not divide the group, or leave fewer tokens, is refused."""
+    pytest.importorskip("triton")
+    import torch
+
+    from pagedllm.attention.triton_prefill import heads_per_program, paged_prefill
+    assert [heads_per_program(g, 64) for g in (1, 2, 3, 4, 6, 7, 8, 16)] == [1, 2, 1, 4, 2, 1, 4, 4]
+    assert [heads_per_program(4, rows) for rows in (16, 32, 128)] == [1, 2, 4]
+    q, cache = torch.zeros(4, 4, 16), torch.zeros(2, 1, 16, 2, 16)
+    meta = (torch.tensor([0, 4], dtype=torch.int32), torch.tensor([4], dtype=torch.int32),
+            torch.zeros(1, 1, dtype=torch.int32))
+    for heads, tile in ((4, (64, 16, 4, 1)), (3, (48, 16, 4, 1)), (2, (16, 16, 4, 1))):
+        with pytest.raises(ValueError, match="heads a program"):
+            paged_prefill(q, cache, *meta, 0.25, torch.empty_like(q), tile=tile, heads=heads)
 
 
 def test_gemv_config_rule():

@@ -3,7 +3,8 @@
 Query i of a sequence with q_len queries and seq_len tokens of context sits at position seq_len - q_len + i and sees
 keys 0..that position (a cached prefix, then the causal part over the new tokens).
 
-Grid (query tiles, num_heads). The tiles of all sequences are laid out without a host sync: sequence i owns tile
+Grid (query tiles, num_heads // HEADS). A program takes HEADS query heads of one kv head (GQA) at once: its tile is
+BLOCK_M tokens x HEADS heads as BLOCK_M * HEADS rows, so each key and value tile it loads serves HEADS heads. The tiles of all sequences are laid out without a host sync: sequence i owns tile
 slots from `query_start_loc[i] // BLOCK_M + i` on, which always leaves room for its cdiv(q_len, BLOCK_M) tiles;
 a program finds its sequence by binary search over query_start_loc, and a slot past its sequence's tiles does
 nothing. So the grid depends only on the number of tokens and sequences. Keys below the tile's first position
@@ -65,12 +66,12 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     first_seq, num_seqs, group,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Slots in reverse: a sequence's last tiles see the most keys, so they start first (shorter tail).
     slot = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // group
+    first_head = tl.program_id(1) * HEADS  # HEADS divides group: the program's heads share one kv head
+    kv_head = first_head // group
 
     # Find the sequence whose tile slots contain this slot: the last i with first_slot(i) <= slot.
     base_slot = tl.load(query_start_loc_ptr + first_seq) // BLOCK_M
@@ -88,11 +89,14 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix = seq_len - q_len
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    # Row r of the tile: token tile * BLOCK_M + r // HEADS of the sequence, head first_head + r % HEADS.
+    r = tl.arange(0, BLOCK_M * HEADS)
+    rows = tile * BLOCK_M + r // HEADS  # query index within the sequence
+    heads = first_head + r % HEADS
     dims = tl.arange(0, D_PAD)
     row_mask = rows < q_len
     q_offs = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + q_offs[:, None] * stride_qt + head * stride_qh + dims[None, :],
+    q = tl.load(q_ptr + q_offs[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     positions = prefix + rows
 
@@ -102,9 +106,9 @@ def _prefill_kernel(
     hi_key = tl.where(tile * BLOCK_M < q_len, hi_key, 0)
     full_end = tl.minimum((first_pos // BLOCK_N) * BLOCK_N, hi_key)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    m_i = tl.full([BLOCK_M * HEADS], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * HEADS], tl.float32)
+    acc = tl.zeros([BLOCK_M * HEADS, D_PAD], tl.float32)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_row, n0, kv_head,
@@ -116,12 +120,13 @@ def _prefill_kernel(
                                      HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, True, PRECISION)
 
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    dst = out_ptr + q_offs[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    dst = out_ptr + q_offs[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (dims[None, :] < HEAD_DIM))
 
 
 def _tile_config(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), chosen so that no variant spills registers on sm_90."""
+    """(rows, BLOCK_N, num_warps, num_stages), chosen so that no variant spills registers on sm_90. A tile's rows
+    are BLOCK_M tokens x HEADS heads."""
     if dtype == torch.float32:  # fp32 dots run on FMA units: small tiles, many warps
         return 32, 16, 8, 2
     if head_dim_pad <= 128:  # measured best or within 3% of it on an H200 (benchmarks/bench_attention.py --tune)
@@ -129,31 +134,47 @@ def _tile_config(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, 
     return 64, 32, 8, 2
 
 
+def heads_per_program(group: int, rows: int) -> int:
+    """The query heads a program takes at once: the largest power of two that divides the GQA group and leaves at
+    least 16 tokens in a tile of `rows` rows (tl.dot's smallest M)."""
+    heads = 1
+    while group % (2 * heads) == 0 and rows // (2 * heads) >= 16:
+        heads *= 2
+    return heads
+
+
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                   block_tables: torch.Tensor, scale: float, out: torch.Tensor, first_seq: int = 0,
-                  tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  tile: tuple[int, int, int, int] | None = None, heads: int | None = None) -> torch.Tensor:
     """Causal attention for sequences first_seq.. of the batch (any query lengths >= 1) over the paged cache.
     q and out are [num_tokens, num_heads, head_dim] of the whole batch; only those sequences' rows are written.
-    tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tuned default (tests, benchmarks)."""
+    tile = (rows, BLOCK_N, num_warps, num_stages) overrides the tuned default, heads the query heads a program
+    takes (a power of two that divides the GQA group; rows // heads tokens a tile); for tests and benchmarks."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_prefills = num_seqs - first_seq
     if num_prefills <= 0:
         return out
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    bm, bn, warps, stages = tile if tile is not None else _tile_config(d_pad, q.dtype)
+    rows, bn, warps, stages = tile if tile is not None else _tile_config(d_pad, q.dtype)
+    heads = heads or heads_per_program(group, rows)
+    if group % heads or heads & (heads - 1) or rows % heads or rows // heads < 16:
+        raise ValueError(f"paged_prefill: {heads} heads a program must be a power of two dividing the group "
+                         f"({group}) and leave 16 or more of the tile's {rows} rows to each head")
+    bm = rows // heads  # tokens a tile
     # Upper bound on the tile slots (see the module docstring): never more than this many are used.
     num_slots = num_tokens // bm + num_prefills
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _prefill_kernel[(num_slots, num_heads)](
+    _prefill_kernel[(num_slots, num_heads // heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        first_seq, num_seqs, num_heads // num_kv_heads,
+        first_seq, num_seqs, group,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=bm, BLOCK_N=bn, PRECISION=dot_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out

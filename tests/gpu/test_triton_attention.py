@@ -129,14 +129,16 @@ def test_large_decode_batch(block_n):
     ([(1000, 8192), (5, 300), (3000, 3000)], 8, 8),  # chunked prefill over a 7192-token prefix, ragged
     ([(777, 1777)], 16, 1),  # MQA
 ])
-def test_long_prefill(lens, heads, kv_heads):
+@pytest.mark.parametrize("per_program", [None, 1])  # the kernel's choice of query heads a program, or one
+def test_long_prefill(lens, heads, kv_heads, per_program):
     from pagedllm.attention.triton_prefill import paged_prefill
     gen = torch.Generator().manual_seed(len(lens) * 31 + heads)
     batch = make_paged_batch(lens, 0, heads, kv_heads, 128, 16, torch.bfloat16, "cuda", gen)
     ref = _reference(batch, 0.088)
     out = torch.full_like(batch.q, float("nan"))
     m = batch.meta
-    paged_prefill(batch.q, batch.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables, 0.088, out)
+    paged_prefill(batch.q, batch.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables, 0.088, out,
+                  heads=per_program)
     assert out.isfinite().all()
     assert _rel(out, ref) < REL_TOL[torch.bfloat16]
 
