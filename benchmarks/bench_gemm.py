@@ -15,6 +15,7 @@ CUDA graph, cycling over enough copies of the weight that the L2 cannot hold the
     python benchmarks/bench_gemm.py --blas --batches 8,32,64,128,256     # torch.mm: cuBLAS against cuBLASLt
     python benchmarks/bench_gemm.py --roofline --batches 16,32,...,256 [--triton]   # each against its own bound
     python benchmarks/bench_gemm.py --variants --batches 128,144,...,256   # cuBLAS on the product split or padded
+    python benchmarks/bench_gemm.py --layout --batches 64,128,192,256     # the weight [N, K] against [K, N]
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --check     # correctness only, tiny shapes, on the CPU
 """
 from __future__ import annotations
@@ -312,6 +313,30 @@ def bench_blas(models: list[str], batches: list[int]) -> int:
     return 0
 
 
+def bench_layout(models: list[str], batches: list[int]) -> int:
+    """The weight as nn.Linear stores it ([N, K], the engine's: x @ W.T) against the same weight stored transposed
+    ([K, N]: x @ W), under cuBLAS and cuBLASLt: does another layout get cuBLAS a better kernel at some M? Us a call,
+    in replayed graphs over L2-defeating weight copies."""
+    print(f"device {torch.cuda.get_device_name()}; torch.mm, us a call")
+    print(f"{'model':>5} {'layer':>8} {'M':>4} {'[N,K] blas':>10} {'[K,N] blas':>10} {'[N,K] lt':>9} {'[K,N] lt':>9}")
+    default = torch.backends.cuda.preferred_blas_library()
+    transposed: list = []
+    try:
+        for model, layer, m, x, out, weights, copies in _layer_cases(models, batches):
+            if len(transposed) != copies or transposed[0].shape != weights[0].t().shape:
+                transposed = [w.t().contiguous() for w in weights]
+            times = []
+            for library in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(library)
+                times.append(_graph_us(lambda i: torch.mm(x, weights[i].t(), out=out), copies))
+                times.append(_graph_us(lambda i: torch.mm(x, transposed[i], out=out), copies))
+            print(f"{model:>5} {layer:>8} {m:>4} {times[0]:>10.1f} {times[1]:>10.1f} {times[2]:>9.1f} "
+                  f"{times[3]:>9.1f}", flush=True)
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+    return 0
+
+
 WIDE_CONFIGS = [(m, n, 64, s, w, st) for m in (64, 128) for n in (64, 128, 256) for s in (1, 2, 4)
                 for w, st in ((4, 4), (4, 5), (8, 3), (8, 4))]
 TMA_CONFIGS = WIDE_CONFIGS + [(256, n, 64, s, 8, st) for n in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
@@ -468,6 +493,7 @@ def main() -> int:
     parser.add_argument("--roofline", action="store_true", help="cuBLAS against each call's own bound")
     parser.add_argument("--triton", action="store_true", help="with --roofline: also a wide-tile Triton sweep")
     parser.add_argument("--variants", action="store_true", help="cuBLAS on the same product split or padded")
+    parser.add_argument("--layout", action="store_true", help="the weight as stored ([N, K]) against transposed")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -477,6 +503,8 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.variants:
         return bench_variants(args.models.split(","), batches)
+    if args.layout:
+        return bench_layout(args.models.split(","), batches)
     if args.roofline:
         return bench_roofline(args.models.split(","), batches, args.triton)
     return (bench_fused if args.fused else bench_blas if args.blas else bench)(args.models.split(","), batches)

@@ -124,14 +124,19 @@ def _prefill_kernel(
     tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (dims[None, :] < HEAD_DIM))
 
 
-def _tile_config(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _tile_config(head_dim_pad: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
     """(rows, BLOCK_N, num_warps, num_stages), chosen so that no variant spills registers on sm_90. A tile's rows
-    are BLOCK_M tokens x HEADS heads."""
+    are BLOCK_M tokens x the heads a program takes (heads_per_program)."""
     if dtype == torch.float32:  # fp32 dots run on FMA units: small tiles, many warps
         return 32, 16, 8, 2
-    if head_dim_pad <= 128:  # measured best or within 3% of it on an H200 (benchmarks/bench_attention.py --tune)
-        return 64, 64, 4, 3
-    return 64, 32, 8, 2
+    if head_dim_pad > 128:
+        return 64, 32, 8, 2
+    # Measured on an H200 (benchmarks/bench_attention.py --prefill-only --tune, head_dim 128, 2026-12-01), on one
+    # prefill step of the reference workload (14 prompts): with 4 heads of a GQA group a program (Qwen3-8B's
+    # 32/8), tiles of 32 tokens x 4 heads and 32 keys ran at 212 TFLOP/s, against 187 for 16 tokens x 4 heads and
+    # 64 keys, and less with one head a program; with 2 heads (Qwen3-0.6B's 16/8), 64 rows and 64 keys were within
+    # 1% of the best.
+    return (128, 32, 4, 3) if heads_per_program(group, 128) >= 4 else (64, 64, 4, 3)
 
 
 def heads_per_program(group: int, rows: int) -> int:
@@ -158,7 +163,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torc
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    rows, bn, warps, stages = tile if tile is not None else _tile_config(d_pad, q.dtype)
+    rows, bn, warps, stages = tile if tile is not None else _tile_config(d_pad, q.dtype, group)
     heads = heads or heads_per_program(group, rows)
     if group % heads or heads & (heads - 1) or rows % heads or rows // heads < 16:
         raise ValueError(f"paged_prefill: {heads} heads a program must be a power of two dividing the group "
