@@ -4,11 +4,12 @@ Query i of a sequence with q_len queries and seq_len tokens of context sits at p
 keys 0..that position (a cached prefix, then the causal part over the new tokens).
 
 Grid (query tiles, num_heads // HEADS). A program takes HEADS query heads of one kv head (GQA) at once: its tile is
-BLOCK_M tokens x HEADS heads as BLOCK_M * HEADS rows, so each key and value tile it loads serves HEADS heads. The tiles of all sequences are laid out without a host sync: sequence i owns tile
-slots from `query_start_loc[i] // BLOCK_M + i` on, which always leaves room for its cdiv(q_len, BLOCK_M) tiles;
-a program finds its sequence by binary search over query_start_loc, and a slot past its sequence's tiles does
-nothing. So the grid depends only on the number of tokens and sequences. Keys below the tile's first position
-need no causal mask and are streamed in a mask-free loop; only the tail near the diagonal is masked.
+BLOCK_M tokens x HEADS heads as BLOCK_M * HEADS rows, so each key and value tile it loads serves HEADS heads.
+The tiles of all sequences are laid out without a host sync: sequence i owns tile slots from
+`query_start_loc[i] // BLOCK_M + i` on, which always leaves room for its cdiv(q_len, BLOCK_M) tiles; a program
+finds its sequence by binary search over query_start_loc, and a slot past its sequence's tiles does nothing. So
+the grid depends only on the number of tokens and sequences. Keys below the tile's first position need no causal
+mask and are streamed in a mask-free loop; only the tail near the diagonal is masked.
 """
 from __future__ import annotations
 
