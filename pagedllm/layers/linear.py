@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
+from pagedllm.layers import blas_choice
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.norm import RMSNorm
 
@@ -35,7 +35,7 @@ class Linear(nn.Linear):
         if self._takes_gemv(x):
             from pagedllm.layers.triton_gemv import gemv
             return gemv(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return blas_choice.linear(x, self.weight, self.bias)
 
     def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                act_silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

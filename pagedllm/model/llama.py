@@ -12,7 +12,8 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
-from pagedllm.layers.linear import Linear
+from pagedllm.layers import blas_choice
+from pagedllm.layers.linear import GEMV_MAX_ROWS, Linear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -120,7 +121,13 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return blas_choice.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+
+    def tune_matmuls(self, batch_sizes: list[int]) -> None:
+        """Choose cuBLAS or cuBLASLt for each matmul (the linear layers' and the lm_head's) at each of the decode
+        batch sizes that cuBLAS serves (blas_choice.tune)."""
+        weights = [m.weight for m in self.modules() if isinstance(m, Linear)] + [self.lm_head.weight]
+        blas_choice.tune(weights, [b for b in batch_sizes if b > GEMV_MAX_ROWS])
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         for layer, cache in zip(self.model.layers, kv_caches):

@@ -207,6 +207,10 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin)
                             for _ in range(cfg.num_layers)] if num_host_blocks else []
+        if self.device.type == "cuda":  # with and without graphs alike, so that both run the same kernels
+            start = time.perf_counter()
+            self.model.tune_matmuls(capture_sizes(self.config.args.max_num_seqs))
+            logger.info("timed cuBLAS against cuBLASLt in %.1f s", time.perf_counter() - start)
         if self.device.type == "cuda" and not self.config.args.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.buffers, self.config.args.max_num_seqs)
             self.graphs.capture()
