@@ -3,4 +3,4 @@
 # machine (carry .ab_old with .whl and .shared). Usage: bash benchmarks/ab_prepare.sh COMMIT
 set -euo pipefail
 rm -rf .ab_old && mkdir -p .ab_old && git archive "$1" pagedllm | tar -x -C .ab_old
-echo "$1" > .ab_old/COMMIT
+git rev-parse --short "$1" > .ab_old/COMMIT

@@ -65,7 +65,7 @@ def main() -> int:
             block_n, block_k, warps, stages = gemv_config(n, k)
             block_n = max(16, block_n // 2) if silu else block_n
             flags = dict(HAS_BIAS=False, NORM=norm, HAS_RESIDUAL=norm, SILU_MUL=silu, BLOCK_M=MAX_ROWS,
-                         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="tf32")
+                         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="tf32", USE_GDC=True)
             parts = f"{' + norm' if norm else ''}{' + silu' if silu else ''}"
             label = f"gemv {name}{parts} {(block_n, block_k, warps, stages)}"
             print(f"{label:<48} {resources(_gemv_kernel, flags, warps, stages)}")

@@ -26,6 +26,18 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def supports_pdl(device: torch.device) -> bool:
+    """Whether kernels on this device may use programmatic dependent launch (griddepcontrol: Hopper, sm_90, on)."""
+    if device.type != "cuda":
+        return False
+    return _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
 def check_attention_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
     """Shape and dtype checks that cost nothing on the GPU (no tensor is read)."""
     if q.dim() != 3:
