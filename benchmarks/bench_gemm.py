@@ -320,11 +320,11 @@ def bench_layout(models: list[str], batches: list[int]) -> int:
     print(f"device {torch.cuda.get_device_name()}; torch.mm, us a call")
     print(f"{'model':>5} {'layer':>8} {'M':>4} {'[N,K] blas':>10} {'[K,N] blas':>10} {'[N,K] lt':>9} {'[K,N] lt':>9}")
     default = torch.backends.cuda.preferred_blas_library()
-    transposed: list = []
+    source, transposed = None, []
     try:
         for model, layer, m, x, out, weights, copies in _layer_cases(models, batches):
-            if len(transposed) != copies or transposed[0].shape != weights[0].t().shape:
-                transposed = [w.t().contiguous() for w in weights]
+            if weights is not source:  # a new layer's weights (the same list for each of its M)
+                source, transposed = weights, [w.t().contiguous() for w in weights]
             times = []
             for library in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(library)

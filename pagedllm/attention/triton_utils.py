@@ -14,6 +14,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -21,9 +25,7 @@ def _cuda_sm_count(index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in elsewhere (Triton's CPU interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sm_count(_index(device)) if device.type == "cuda" else 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,9 +35,7 @@ def _cuda_major(index: int) -> int:
 
 def supports_pdl(device: torch.device) -> bool:
     """Whether kernels on this device may use programmatic dependent launch (griddepcontrol: Hopper, sm_90, on)."""
-    if device.type != "cuda":
-        return False
-    return _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return device.type == "cuda" and _cuda_major(_index(device)) >= 9
 
 
 def check_attention_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> None:

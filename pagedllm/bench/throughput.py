@@ -3,6 +3,7 @@ roofline bound of the device and, optionally, Hugging Face transformers run side
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -111,14 +112,11 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, Workload, object]:
     measured = measure_ceilings(device)
     ceilings = Ceilings(args.bandwidth or measured.bandwidth, args.matmul_flops or measured.matmul_flops)
     dtype_bytes = torch.empty((), dtype=engine.config.dtype).element_size()
-    prompt_lens = [len(p) for p in workload.prompts]
-    bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings, dtype_bytes,
-                                     args.max_num_seqs)
-    read_bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings,
-                                          dtype_bytes, args.max_num_seqs,
-                                          weight_bytes=decode_read_bytes(engine.config.model, dtype_bytes))
-    serial_bound_s = workload_bound_seconds(engine.config.model, prompt_lens, workload.max_tokens, ceilings,
-                                            dtype_bytes, args.max_num_seqs, overlap=False)
+    bound = functools.partial(workload_bound_seconds, engine.config.model, [len(p) for p in workload.prompts],
+                              workload.max_tokens, ceilings, dtype_bytes, args.max_num_seqs)
+    bound_s = bound()
+    read_bound_s = bound(weight_bytes=decode_read_bytes(engine.config.model, dtype_bytes))
+    serial_bound_s = bound(overlap=False)
     result = dict(
         model=args.model, device=_device_name(device), dtype=str(engine.config.dtype), requests=args.num_requests,
         output_tokens=generated, reference_workload=generated == REFERENCE_TOTAL_OUTPUT_TOKENS,

@@ -125,7 +125,7 @@ class DecoderForCausalLM(nn.Module):
 
     def tune_matmuls(self, batch_sizes: list[int]) -> None:
         """Choose cuBLAS or cuBLASLt for each matmul (the linear layers' and the lm_head's) at each of the decode
-        batch sizes that cuBLAS serves (blas_choice.tune)."""
+        batch sizes above the GEMV's rows (blas_choice.tune); below them the lm_head keeps the default."""
         weights = [m.weight for m in self.modules() if isinstance(m, Linear)] + [self.lm_head.weight]
         blas_choice.tune(weights, [b for b in batch_sizes if b > GEMV_MAX_ROWS])
 
